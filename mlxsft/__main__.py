@@ -1,0 +1,3 @@
+from mlxsft.cli import main
+
+main()

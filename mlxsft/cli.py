@@ -1,0 +1,70 @@
+"""The `mlxsft` command line: a Click group whose subcommands live in `mlxsft.commands`.
+
+Subcommand modules import only Click at import time, so `mlxsft --help` stays fast; mlx, mlx-lm
+and transformers are imported inside the commands that need them. User errors (ValueError,
+FileNotFoundError) become one line on stderr and exit status 2; set MLXSFT_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+# name -> "module:attribute". Order is the order `--help` lists them in.
+COMMANDS: dict[str, str] = {
+    "data": "mlxsft.commands.data:data",
+    "train": "mlxsft.commands.train:train",
+    "eval": "mlxsft.commands.train:eval_cmd",
+    "plan": "mlxsft.commands.plan:plan",
+    "fuse": "mlxsft.commands.export:fuse",
+    "export": "mlxsft.commands.export:export",
+    "generate": "mlxsft.commands.generate:generate",
+    "chat": "mlxsft.commands.generate:chat",
+    "demo": "mlxsft.commands.demo:demo",
+    "report": "mlxsft.commands.report:report",
+}
+
+
+class _Group(click.Group):
+    """Loads each subcommand from its module on first use; reports user errors in one line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # not written yet
+                return None
+            raise
+        return getattr(module, attr, None)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            if os.environ.get("MLXSFT_DEBUG"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlxsft")
+def main() -> None:
+    """Supervised instruction fine-tuning with MLX: exact response-only masks, packing, LoRA."""
