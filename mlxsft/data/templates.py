@@ -1,0 +1,169 @@
+"""Chat templates: the built-in ones, the tokenizer's own, or a `.jinja` file, rendered in a
+sandboxed Jinja environment that matches transformers' `apply_chat_template(..., tokenize=False)`.
+
+`resolve_template(spec, tokenizer)` picks one; `ChatTemplate.render(messages, ...)` renders it.
+Built-in templates never write a BOS token: `encode.py` adds the tokenizer's BOS when the tokenizer
+adds one itself, so a BOS is never doubled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mlxsft.errors import DataError, UserError
+
+BUILTIN = ("alpaca", "chatml", "llama3", "mistral", "gemma", "phi3")
+CHOICES = ("auto", *BUILTIN, "tokenizer")
+
+
+class TemplateRenderError(DataError):
+    """A template raised (`raise_exception`) or failed while rendering one example."""
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # HF's override: no HTML escaping, and indent/separators options that templates use.
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=64)
+def _compile(source: str):
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = dict
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UserError(
+            f"chat template does not parse: {exc.message} (template line {exc.lineno})",
+            hint="check the .jinja file, or pick a built-in with --template",
+        ) from None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template plus what it needs from the tokenizer to render."""
+
+    name: str  # "alpaca", "chatml", ..., "tokenizer", or the .jinja path
+    source: str
+    builtin: bool  # built-ins never write BOS; encode adds it when the tokenizer would
+    special_tokens: tuple[tuple[str, str], ...] = ()  # bos_token, eos_token, ... as HF passes them
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        where: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render like transformers: special tokens first, then `extra` kwargs override them."""
+        import jinja2
+
+        compiled = _compile(self.source)
+        variables: dict[str, Any] = {**dict(self.special_tokens), **extra}
+        if self.builtin:  # built-ins write eos_token; a tokenizer without one renders ""
+            variables.setdefault("eos_token", "")
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            return compiled.render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.TemplateError as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            raise TemplateRenderError(
+                f"template {self.name!r} raised: {message}",
+                where=where,
+                hint="fix the row or pick another --template",
+            ) from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+            raise TemplateRenderError(
+                f"template {self.name!r} failed: {type(exc).__name__}: {exc}",
+                where=where,
+                hint="the template may not support this conversation shape; try another --template",
+            ) from None
+
+
+def builtin_source(name: str) -> str:
+    files = resources.files("mlxsft.data") / "builtin_templates" / f"{name}.jinja"
+    return files.read_text(encoding="utf-8")
+
+
+def tokenizer_chat_template(tokenizer: Any) -> str | None:
+    """The tokenizer's own chat template (the `default` one if it has several), or None."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    if isinstance(template, list):  # old serialisation: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def special_tokens_of(tokenizer: Any) -> tuple[tuple[str, str], ...]:
+    """bos_token, eos_token, ... as transformers passes them to templates (strings only)."""
+    mapping = getattr(tokenizer, "special_tokens_map", None) or {}
+    out = {k: str(v) for k, v in mapping.items() if isinstance(v, str)}
+    for key in ("bos_token", "eos_token"):
+        value = getattr(tokenizer, key, None)
+        if value is not None and key not in out:
+            out[key] = str(value)
+    return tuple(sorted(out.items()))
+
+
+def resolve_template(spec: str, tokenizer: Any) -> ChatTemplate:
+    """--template value -> ChatTemplate. `auto` = the tokenizer's own if any, else `alpaca`."""
+    special = special_tokens_of(tokenizer)
+    own = tokenizer_chat_template(tokenizer)
+    if spec == "auto":
+        spec = "tokenizer" if own else "alpaca"
+    if spec == "tokenizer":
+        if not own:
+            raise UserError(
+                "the tokenizer has no chat template",
+                hint="pass --template alpaca|chatml|llama3|mistral|gemma|phi3 or a .jinja file",
+            )
+        return ChatTemplate("tokenizer", own, builtin=False, special_tokens=special)
+    if spec in BUILTIN:
+        return ChatTemplate(spec, builtin_source(spec), builtin=True, special_tokens=special)
+    path = Path(spec)
+    if path.suffix == ".jinja" or path.exists():
+        if not path.is_file():
+            raise UserError(f"template file not found: {spec}", hint="give a path to a .jinja file")
+        source = path.read_text(encoding="utf-8")
+        _compile(source)  # fail early on syntax errors
+        return ChatTemplate(str(path), source, builtin=False, special_tokens=special)
+    raise UserError(
+        f"unknown template {spec!r}",
+        hint=f"use one of {', '.join(CHOICES)} or a path to a .jinja file",
+    )
