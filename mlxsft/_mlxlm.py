@@ -102,12 +102,183 @@ def is_quantized(model: nn.Module) -> bool:
     return any(hasattr(m, "bits") for _, m in model.named_modules())
 
 
-def make_cache(model: nn.Module) -> list[Any]:
+def make_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
     """A fresh KV cache for generation."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    return make_prompt_cache(model)
+    return make_prompt_cache(model, max_kv_size=max_kv_size)
 
 
-def as_array(x: Any) -> mx.array:
-    return x if isinstance(x, mx.array) else mx.array(x)
+def stream_generate(
+    model: nn.Module,
+    tokenizer_wrapper: Any,
+    prompt: list[int] | mx.array,
+    *,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    prompt_cache: list[Any] | None = None,
+) -> Any:
+    """mlx-lm's `stream_generate` with its sampler: yields GenerationResponse (.text, .token, ...).
+
+    `temp=0` is greedy. `prompt` is token ids (render chat prompts with mlxsft's templates).
+    """
+    from mlx_lm.generate import stream_generate as _stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+    return _stream_generate(
+        model,
+        tokenizer_wrapper,
+        prompt,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=prompt_cache,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes with a custom attention mask.
+#
+# mlx-lm's inner models build their own causal mask (`create_attention_mask`) and have no mask
+# argument, but every decoder layer takes `layer(h, mask, cache)` and hands `mask` on to
+# `mx.fast.scaled_dot_product_attention` (or, for gemma2, adds it to the scores). So for the
+# architectures below we run the inner model's steps ourselves (embed -> layers -> norm) with the
+# caller's mask. Each entry was checked against the mlx-lm source: `hidden_states(mask=causal)`
+# equals the model's own pass (tests/parity/test_forward.py).
+# ---------------------------------------------------------------------------------------------
+
+# model_type -> how the inner model scales its embeddings: None, "float" (h * sqrt(D) in h's
+# dtype, gemma/gemma2) or "bf16" (sqrt(D) rounded to bfloat16 first, gemma3_text).
+_MASK_ARCHS: dict[str, str | None] = {
+    "llama": None,
+    "mistral": None,
+    "qwen2": None,
+    "qwen3": None,
+    "phi3": None,
+    "gemma": "float",
+    "gemma2": "float",
+    "gemma3_text": "bf16",
+}
+
+
+def model_type(model: nn.Module) -> str | None:
+    """The `model_type` an mlx-lm model was built from."""
+    mt = getattr(model, "model_type", None)
+    if mt is None and hasattr(model, "args"):
+        mt = getattr(model.args, "model_type", None)
+    return mt
+
+
+def supports_mask(model: nn.Module) -> bool:
+    """True when `forward`/`hidden_states` accept a custom mask (packing) for this model."""
+    inner = getattr(model, "model", None)
+    return (
+        model_type(model) in _MASK_ARCHS
+        and inner is not None
+        and getattr(inner, "pipeline_size", 1) == 1
+    )
+
+
+def _check_supported(model: nn.Module) -> nn.Module:
+    if not supports_mask(model):
+        from mlxsft.errors import ModelError
+
+        raise ModelError(
+            f"custom attention masks are not supported for model_type {model_type(model)!r}",
+            hint=f"use padding instead of packing (--no-pack); supported: {sorted(_MASK_ARCHS)}",
+        )
+    return model.model
+
+
+def block_causal_mask(segment_ids: mx.array) -> mx.array:
+    """(B, L) segment ids -> (B, 1, L, L) bool mask: causal, and only within a segment.
+
+    Give padding its own segment id (any value): pad positions then attend to each other and
+    never to real tokens, and no query row is fully masked (which would make NaNs).
+    """
+    seg = segment_ids
+    L = seg.shape[-1]
+    pos = mx.arange(L)
+    causal = pos[:, None] >= pos[None, :]  # (L, L)
+    same = seg[:, :, None] == seg[:, None, :]  # (B, L, L)
+    return (same & causal)[:, None]  # (B, 1, L, L)
+
+
+def _layer_window(inner: nn.Module, layer: nn.Module) -> int | None:
+    """The sliding-window size of a layer, or None for full attention."""
+    if getattr(layer, "use_sliding", False):  # llama-style layer_types
+        return inner.sliding_window
+    if getattr(getattr(layer, "self_attn", None), "is_sliding", False):  # gemma3_text
+        return inner.window_size
+    return None
+
+
+def _layer_mask(mask: mx.array, inner: nn.Module, layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """Adapt the caller's (B, 1, L, L) mask to one layer: sliding window, gemma2's 5-D scores."""
+    window = _layer_window(inner, layer)
+    if window is not None and window < mask.shape[-1]:
+        L = mask.shape[-1]
+        pos = mx.arange(L)
+        in_window = (pos[:, None] - pos[None, :]) < window  # (L, L)
+        if mask.dtype == mx.bool_:
+            mask = mask & in_window
+        else:
+            mask = mx.where(in_window, mask, mx.array(-mx.inf, mask.dtype))
+    if mask.dtype != mx.bool_ and mask.dtype != dtype:
+        mask = mask.astype(dtype)
+    attn = getattr(layer, "self_attn", None)
+    if hasattr(attn, "attn_logit_softcapping") and getattr(attn, "repeats", 1) > 1:
+        # gemma2 computes the scores itself, shaped (B, n_kv, repeats, L, L)
+        mask = mask[:, :, None]  # (B, 1, 1, L, L)
+    return mask
+
+
+def hidden_states(model: nn.Module, inputs: mx.array, mask: mx.array | None = None) -> mx.array:
+    """Final normed hidden states (B, L, D) for token ids `inputs` (B, L).
+
+    `mask` is a (B, 1, L, L) bool (True = attend) or additive float mask; None means the model's
+    own causal mask. Every query row must attend to at least one key (see `block_causal_mask`).
+    Positions are not reset inside a row: with RoPE only relative positions matter, so a
+    block-diagonal causal mask gives each packed example the logits it would get alone.
+    """
+    inner = _check_supported(model)
+    if mask is None:
+        return inner(inputs)
+    B, L = inputs.shape
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (L, L):
+        raise ValueError(f"attention mask must have shape (B, 1, {L}, {L}), got {mask.shape}")
+    h = inner.embed_tokens(inputs)  # (B, L, D)
+    scale = _MASK_ARCHS[model_type(model)]
+    if scale == "float":
+        h = h * (inner.args.hidden_size**0.5)
+    elif scale == "bf16":
+        h = h * mx.array(inner.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+    for layer in inner.layers:
+        h = layer(h, _layer_mask(mask, inner, layer, h.dtype), None)
+    return inner.norm(h)
+
+
+def lm_head(model: nn.Module, h: mx.array) -> mx.array:
+    """Logits (..., V) from final hidden states (..., D): tied or untied, gemma2 soft-capping."""
+    _check_supported(model)
+    # Tied models have no lm_head child; a QuantizedEmbedding has as_linear too.
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    logits = head(h)  # (..., V)
+    cap = getattr(model, "final_logit_softcapping", None)
+    if cap:
+        logits = mx.tanh(logits / cap) * cap
+    return logits
+
+
+def forward(model: nn.Module, inputs: mx.array, mask: mx.array | None = None) -> mx.array:
+    """Logits (B, L, V) for `inputs` (B, L); `mask` as in `hidden_states`.
+
+    Without a mask this is exactly `model(inputs)` (any architecture); with one it needs
+    `supports_mask(model)`.
+    """
+    if mask is None:
+        return model(inputs)
+    return lm_head(model, hidden_states(model, inputs, mask))
