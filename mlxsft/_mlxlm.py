@@ -282,3 +282,99 @@ def forward(model: nn.Module, inputs: mx.array, mask: mx.array | None = None) ->
     if mask is None:
         return model(inputs)
     return lm_head(model, hidden_states(model, inputs, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation (added by helper-6 for mlxsft/generate.py and mlxsft/chat.py): mlx-lm's own step
+# loop, samplers, logits processors, streaming detokenizers and KV-cache trimming.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_sampler(temp: float, top_p: float, top_k: int, min_p: float) -> Any:
+    """mlx-lm's sampler: greedy when `temp == 0`; top-p/top-k/min-p filters otherwise."""
+    from mlx_lm.sample_utils import make_sampler as _make_sampler
+
+    return _make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+def make_logits_processors(repetition_penalty: float | None, context_size: int = 20) -> list:
+    """mlx-lm's logits processors (only the repetition penalty is exposed)."""
+    from mlx_lm.sample_utils import make_logits_processors as _make
+
+    return _make(repetition_penalty=repetition_penalty, repetition_context_size=context_size)
+
+
+def generate_step(
+    prompt: mx.array,
+    model: nn.Module,
+    *,
+    max_tokens: int,
+    sampler: Any,
+    logits_processors: list | None,
+    prompt_cache: list[Any],
+) -> Any:
+    """mlx-lm's `generate_step` on its generation stream: yields (token id, logprobs (V,)).
+
+    Every yielded token has already been fed to `prompt_cache` (mlx-lm computes one step ahead).
+    """
+    from mlx_lm.generate import generate_step as _generate_step
+
+    return _generate_step(
+        prompt,
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        prompt_cache=prompt_cache,
+    )
+
+
+def generation_context(model: nn.Module) -> Any:
+    """mlx-lm's wired-memory context for generation (a no-op off Apple silicon)."""
+    from mlx_lm.generate import generation_stream, wired_limit
+
+    return wired_limit(model, [generation_stream])
+
+
+def streaming_detokenizer(tokenizer: Any, model_path: Path | None = None) -> Any:
+    """A fresh streaming detokenizer (`add_token`, `finalize`, `last_segment`), chosen the way
+    mlx-lm chooses it from tokenizer.json's decoder (BPE/SPM are O(1) per token)."""
+    import json
+    from functools import partial
+
+    from mlx_lm import tokenizer_utils as tu
+
+    cls: Any = tu.NaiveStreamingDetokenizer
+    file = Path(model_path) / "tokenizer.json" if model_path is not None else None
+    if file is not None and file.is_file():
+        decoder = json.loads(file.read_text(encoding="utf-8")).get("decoder")
+        if decoder:
+            if tu._is_spm_decoder(decoder):
+                cls = tu.SPMStreamingDetokenizer
+            elif tu._is_spm_decoder_no_space(decoder):
+                cls = partial(tu.SPMStreamingDetokenizer, trim_space=False)
+            elif tu._is_bpe_decoder(decoder):
+                cls = tu.BPEStreamingDetokenizer
+    detokenizer = cls(tokenizer)
+    detokenizer.reset()
+    return detokenizer
+
+
+def cache_lengths(cache: list[Any]) -> list[int]:
+    """Tokens held by each layer's KV cache."""
+    return [int(getattr(c, "offset", 0)) for c in cache]
+
+
+def trim_cache_to(cache: list[Any], n_tokens: int) -> bool:
+    """Trim every layer's cache to its first `n_tokens`; False (cache untouched) if impossible."""
+    from mlx_lm.models.cache import can_trim_prompt_cache
+
+    lengths = cache_lengths(cache)
+    if any(n < n_tokens for n in lengths):
+        return False
+    if any(n > n_tokens for n in lengths) and not can_trim_prompt_cache(cache):
+        return False
+    for c, n in zip(cache, lengths):
+        if n > n_tokens:
+            c.trim(n - n_tokens)
+    return True
