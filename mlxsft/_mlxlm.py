@@ -374,7 +374,7 @@ def trim_cache_to(cache: list[Any], n_tokens: int) -> bool:
         return False
     if any(n > n_tokens for n in lengths) and not can_trim_prompt_cache(cache):
         return False
-    for c, n in zip(cache, lengths):
+    for c, n in zip(cache, lengths, strict=True):
         if n > n_tokens:
             c.trim(n - n_tokens)
     return True
