@@ -1,0 +1,165 @@
+"""`mlxsft data inspect` and `mlxsft data validate`: see exactly which tokens are trained, and find
+every bad row. Imports only Click at module import; the data path is imported inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+TEMPLATE_HELP = (
+    "auto (the model's own chat template, else alpaca), alpaca, chatml, llama3, mistral, gemma, "
+    "phi3, tokenizer, or a path to a .jinja file"
+)
+FORMATS = ("auto", "chat", "alpaca", "completion", "text")
+GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
+
+
+def _load_tokenizer(model: str):
+    try:
+        from mlxsft.model.loading import load_tokenizer
+    except ImportError:  # model loading not available: plain transformers
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    return load_tokenizer(model)
+
+
+@click.group()
+def data() -> None:
+    """Inspect and validate training data."""
+
+
+@data.command()
+@click.argument("data_path", metavar="DATA")
+@click.option("--model", "-m", required=True, help="Model directory or hub id (tokenizer only).")
+@click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option(
+    "--train-on",
+    type=click.Choice(["responses", "last", "all"]),
+    default="responses",
+    show_default=True,
+    help="responses: every assistant turn; last: the final one; all: every token.",
+)
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None, help="Truncate to N.")
+@click.option("-n", "num", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Examples to show (0: all).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per example, then stats.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Batch size for the padding-waste projection.")  # fmt: skip
+@click.option("--split", default="train", show_default=True, help="Split of a DATA directory.")
+@click.option("--color/--no-color", default=None, help="Colour trained tokens (default: on a TTY).")
+def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json, batch_size,
+            split, color) -> None:  # fmt: skip
+    """Show examples with their trained tokens marked, and dataset statistics.
+
+    Trained tokens are green on a terminal and wrapped as [[...]] otherwise.
+    """
+    from mlxsft.data.encode import encode_dataset
+    from mlxsft.data.formats import read_examples
+    from mlxsft.data.stats import format_stats
+    from mlxsft.data.templates import resolve_template
+    from mlxsft.errors import DataError
+
+    examples, errors = read_examples(data_path, fmt, split=split)
+    if not examples:
+        first = f"; first: {errors[0]}" if errors else ""
+        raise DataError(f"{data_path}: no usable rows{first}", hint="run `mlxsft data validate`")
+    for err in errors[:5]:
+        click.echo(f"warning: skipping bad row: {err}", err=True)
+    if len(errors) > 5:
+        click.echo(f"warning: {len(errors) - 5} more bad rows skipped", err=True)
+    tokenizer = _load_tokenizer(model)
+    chat_template = resolve_template(template, tokenizer)
+    encoded, stats = encode_dataset(
+        examples, tokenizer, chat_template, train_on, max_seq_len, batch_size=batch_size
+    )
+    shown = encoded if num == 0 else encoded[:num]
+    if as_json:
+        for enc in shown:
+            click.echo(json.dumps(_example_json(enc), ensure_ascii=False))
+        click.echo(json.dumps({"stats": stats.to_dict()}, ensure_ascii=False))
+        return
+    color = sys.stdout.isatty() if color is None else color
+    click.echo(
+        f"template: {chat_template.name}   format: {examples[0].kind}   train on: {train_on}"
+    )
+    for enc in shown:
+        click.echo(f"\n--- {enc.source}  ({enc.n_tokens} tokens, {enc.n_trained} trained)")
+        click.echo(marked_text(tokenizer, enc.input_ids, enc.loss_mask, color=color))
+    click.echo("\n" + format_stats(stats))
+
+
+def _example_json(enc) -> dict:
+    return {
+        "source": enc.source,
+        "input_ids": [int(i) for i in enc.input_ids],
+        "loss_mask": [int(m) for m in enc.loss_mask],
+        "n_tokens": enc.n_tokens,
+        "n_trained": enc.n_trained,
+        "truncated": enc.truncated,
+        "missing_eot": enc.missing_eot,
+        "not_prefix_stable": enc.not_prefix_stable,
+    }
+
+
+def marked_text(tokenizer, input_ids, loss_mask, *, color: bool) -> str:
+    """Decode runs of equally-masked tokens; trained runs in green or inside [[...]]."""
+    parts: list[str] = []
+    start = 0
+    n = len(input_ids)
+    for i in range(1, n + 1):
+        if i == n or loss_mask[i] != loss_mask[start]:
+            text = tokenizer.decode([int(t) for t in input_ids[start:i]], skip_special_tokens=False)
+            if loss_mask[start]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            parts.append(text)
+            start = i
+    return "".join(parts)
+
+
+@data.command()
+@click.argument("data_path", metavar="DATA")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--model", "-m", default=None, help="Also render every row with this tokenizer.")
+@click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP)
+@click.option("--train-on", type=click.Choice(["responses", "last", "all"]), default="responses")
+def validate(data_path, fmt, model, template, train_on) -> None:
+    """Check every row; print each bad one as `file:line: problem` and exit 1 if any.
+
+    With --model, rows are also rendered with the chat template and encoded, so templates that
+    raise and turns that cannot be located are reported too. A directory checks every split.
+    """
+    from pathlib import Path
+
+    from mlxsft.data.encode import bos_if_added, encode_example
+    from mlxsft.data.formats import find_splits, read_examples
+    from mlxsft.data.templates import resolve_template
+    from mlxsft.data.types import Dropped
+
+    splits = list(find_splits(data_path)) if Path(data_path).is_dir() else ["train"]
+    tokenizer = chat_template = bos_id = None
+    if model is not None:
+        tokenizer = _load_tokenizer(model)
+        chat_template = resolve_template(template, tokenizer)
+        bos_id = bos_if_added(tokenizer)
+    n_rows = n_bad = 0
+    for split in splits:
+        examples, errors = read_examples(data_path, fmt, split=split)
+        problems = [str(e) for e in errors]
+        if tokenizer is not None:
+            for ex in examples:
+                out = encode_example(ex, tokenizer, chat_template, train_on, bos_id=bos_id)
+                if isinstance(out, Dropped):
+                    detail = f": {out.detail}" if out.detail else ""
+                    problems.append(f"{out.source}: {out.reason}{detail}")
+        for line in problems:
+            click.echo(line)
+        n_rows += len(examples) + len(errors)
+        n_bad += len(problems)
+    if n_bad:
+        click.echo(f"{n_bad} problem(s) in {n_rows} rows", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {n_rows} rows", err=True)
