@@ -159,9 +159,11 @@ def build_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    specials = list(special_tokens) if special_tokens is not None else list(SPECIAL_TOKENS)
+    if vocab_size < 256 + len(specials):  # byte-level BPE always holds the 256 byte tokens
+        raise ValueError(f"vocab_size must be at least {256 + len(specials)}, got {vocab_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specials = list(special_tokens) if special_tokens is not None else list(SPECIAL_TOKENS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
