@@ -1,0 +1,332 @@
+"""Generation: prompts rendered and tokenized exactly as training encodes them, mlx-lm's own step
+loop and samplers (so greedy output and speed match `mlx_lm.generate`), stopping at the template's
+end-of-turn token or EOS, and tokens/s at the end. `chat.py` builds its REPL on `Generator`.
+
+Prompt ids follow `mlxsft.data.encode`: the template's text is tokenized with
+`add_special_tokens=False`, and a built-in template (or a raw prompt) gets the tokenizer's BOS in
+front when the tokenizer adds one itself and the text does not already start with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mlxsft.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; `temp == 0` is greedy. 1.0/0 values switch a filter off."""
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    seed: int | None = None
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temp >= 0, "temp must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.repetition_context_size > 0, "repetition_context_size must be > 0"),
+            (self.max_tokens > 0, "max_tokens must be > 0"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise UserError(problem, hint="see `mlxsft generate --help`")
+
+    def with_updates(self, assignments: list[str]) -> SamplingParams:
+        """A copy with `name=value` assignments applied (as typed after `/params`)."""
+        types = {f.name: f.type for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            name, eq, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not eq or name not in types:
+                raise UserError(
+                    f"cannot set {item!r}", hint=f"use name=value with a name in {', '.join(types)}"
+                )
+            kind = int if "int" in str(types[name]) else float
+            try:
+                changes[name] = None if value.lower() == "none" and name == "seed" else kind(value)
+            except ValueError:
+                raise UserError(f"{name}: not a number: {value!r}") from None
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+@dataclass
+class Generation:
+    """One finished generation: its text, generated ids (stop token excluded) and timings."""
+
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (end-of-turn/EOS), "length" (max_tokens) or "interrupted"
+    stop_token: int | None
+    prompt_tokens: int
+    prompt_seconds: float
+    generation_seconds: float  # from the first generated token to the last
+
+    @property
+    def generation_tps(self) -> float:
+        """Generated tokens per second, counted as mlx-lm does (stop token included)."""
+        n = len(self.tokens) + (self.stop_token is not None)
+        return n / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    def stats_line(self) -> str:
+        import mlx.core as mx
+
+        n = len(self.tokens) + (self.stop_token is not None)
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
+            f"generation: {n} tokens, {self.generation_tps:.1f} tokens/s | "
+            f"peak memory: {mx.get_peak_memory() / 1e9:.3f} GB"
+        )
+
+
+def _bos_prefix(tokenizer: Any, text: str) -> list[int]:
+    from mlxsft.data.encode import bos_if_added
+
+    bos_id, bos = bos_if_added(tokenizer), getattr(tokenizer, "bos_token", None)
+    return [bos_id] if bos_id is not None and not (bos and text.startswith(bos)) else []
+
+
+def encode_text(tokenizer: Any, text: str, *, add_bos: bool) -> list[int]:
+    """Token ids for `text` as training tokenizes it (BOS rule as in `data.encode`)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return (_bos_prefix(tokenizer, text) if add_bos else []) + ids
+
+
+def _end_of_turn_ids(template: Any, tokenizer: Any) -> set[int]:
+    """The special token a rendered assistant turn ends with (e.g. `<|im_end|>`), if any."""
+    content = "Zq8 reply"
+    try:
+        text = template.render(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+        )
+    except ValueError:
+        return set()
+    at = text.rfind(content)
+    tail = text[at + len(content) :] if at >= 0 else ""
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return {ids[0]} if ids and ids[0] in special else set()
+
+
+class Generator:
+    """A loaded model, its tokenizer and chat template, ready to generate."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: Any | None,
+        *,
+        config: dict | None = None,
+        path: Path | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template  # a data.templates.ChatTemplate; None: raw prompts only
+        self.config = config or {}
+        self.path = path
+        eos = self.config.get("eos_token_id")
+        stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            stop.add(tokenizer.eos_token_id)
+        if template is not None:
+            stop |= _end_of_turn_ids(template, tokenizer)
+        self.stop_ids: set[int] = stop
+        self._detok_proto: Any = None
+
+    @classmethod
+    def load(
+        cls, model: str, *, adapter: str | None = None, template: str | None = "auto"
+    ) -> Generator:
+        """Load `model` (+ `adapter`); `template=None` for raw prompts (no chat template)."""
+        from mlxsft.data.templates import resolve_template
+        from mlxsft.model.loading import load
+
+        loaded = load(model, adapter=_mlx_adapter_dir(adapter))
+        chat_template = resolve_template(template, loaded.tokenizer) if template else None
+        return cls(
+            loaded.model, loaded.tokenizer, chat_template, config=loaded.config, path=loaded.path
+        )
+
+    @property
+    def max_context(self) -> int:
+        """The model's context window (max_position_embeddings), 4096 when unknown."""
+        n = self.config.get("max_position_embeddings") or self.config.get("max_seq_len")
+        return int(n) if n else 4096
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        if self.template is None:
+            raise UserError("no chat template in use", hint="drop --raw to render messages")
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Ids of `messages` rendered with the generation prompt, tokenized as in training."""
+        text = self.render(messages, add_generation_prompt=True)
+        return encode_text(self.tokenizer, text, add_bos=self.template.builtin)
+
+    def conversation_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Ids of a whole conversation as training encodes it (no generation prompt)."""
+        text = self.render(messages, add_generation_prompt=False)
+        return encode_text(self.tokenizer, text, add_bos=self.template.builtin)
+
+    def raw_ids(self, text: str) -> list[int]:
+        """Ids of a plain-text prompt (BOS added when the tokenizer adds one)."""
+        return encode_text(self.tokenizer, text, add_bos=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _detokenizer(self) -> Any:
+        """A fresh streaming detokenizer (the prototype's token map is built once)."""
+        import copy
+
+        from mlxsft import _mlxlm
+
+        if self._detok_proto is None:
+            self._detok_proto = _mlxlm.streaming_detokenizer(self.tokenizer, self.path)
+        detok = copy.copy(self._detok_proto)
+        detok.reset()
+        return detok
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        cache: list[Any] | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Generate after `prompt_ids` (fed on top of `cache`, updated in place), streaming text
+        segments to `on_text`. Ctrl-C ends the reply early (finish_reason "interrupted")."""
+        import mlx.core as mx
+
+        from mlxsft import _mlxlm
+
+        if not prompt_ids:
+            raise UserError("empty prompt", hint="give a non-empty --prompt")
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        cache = cache if cache is not None else _mlxlm.make_cache(self.model)
+        sampler = _mlxlm.make_sampler(params.temp, params.top_p, params.top_k, params.min_p)
+        penalty = params.repetition_penalty
+        processors = (
+            _mlxlm.make_logits_processors(penalty, params.repetition_context_size)
+            if penalty != 1.0
+            else None
+        )
+        detok = self._detokenizer()
+        steps = _mlxlm.generate_step(
+            mx.array(prompt_ids),
+            self.model,
+            max_tokens=params.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=cache,
+        )
+        tokens: list[int] = []
+        stop_token, finish = None, "length"
+        tic = time.perf_counter()
+        prompt_s = 0.0
+        try:
+            with _mlxlm.generation_context(self.model):
+                for n, (token, _) in enumerate(steps):
+                    if n == 0:
+                        prompt_s, tic = time.perf_counter() - tic, time.perf_counter()
+                    if token in self.stop_ids:
+                        stop_token, finish = token, "stop"
+                        break
+                    tokens.append(token)
+                    detok.add_token(token)
+                    if on_text is not None and (segment := detok.last_segment):
+                        on_text(segment)
+        except KeyboardInterrupt:
+            finish = "interrupted"
+        steps.close()
+        gen_s = time.perf_counter() - tic if tokens or stop_token is not None else 0.0
+        detok.finalize()
+        if on_text is not None and (segment := detok.last_segment):
+            on_text(segment)
+        return Generation(
+            text=detok.text,
+            tokens=tokens,
+            finish_reason=finish,
+            stop_token=stop_token,
+            prompt_tokens=len(prompt_ids),
+            prompt_seconds=prompt_s,
+            generation_seconds=gen_s,
+        )
+
+
+def _mlx_adapter_dir(adapter: str | None) -> str | None:
+    """An mlx-lm adapter dir for `adapter`; PEFT adapters are converted (to a temp dir) first."""
+    if adapter is None:
+        return None
+    try:
+        from mlxsft.export import peft
+    except ImportError:
+        return adapter
+    is_peft = getattr(peft, "is_peft_adapter", None)
+    convert = getattr(peft, "convert_peft_to_mlx", None)
+    if is_peft is None or convert is None or not is_peft(adapter):
+        return adapter
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="mlxsft-peft-"))
+    convert(adapter, out)
+    return str(out)
+
+
+def read_messages(path: str) -> list[dict[str, Any]]:
+    """Messages from a .json/.jsonl file: `{"messages": [...]}` (first row) or a bare list."""
+    import json
+
+    from mlxsft.data.formats import ROLE_ALIASES
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = file.read_text(encoding="utf-8").strip()
+    try:
+        row = json.loads(text) if file.suffix == ".json" else json.loads(text.splitlines()[0])
+    except (json.JSONDecodeError, IndexError) as exc:
+        raise UserError(f"not valid JSON: {exc}", where=f"{path}:1") from None
+    turns = row.get("messages", row.get("conversations")) if isinstance(row, dict) else row
+    if not isinstance(turns, list) or not turns:
+        raise UserError(
+            "expected a non-empty list of messages",
+            where=f"{path}:1",
+            hint='write {"messages": [{"role": "user", "content": "..."}]}',
+        )
+    out = []
+    for i, turn in enumerate(turns):
+        turn = turn if isinstance(turn, dict) else {}
+        role = ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
+        content = turn.get("content", turn.get("value"))
+        if role is None or not isinstance(content, str):
+            raise UserError(
+                f"messages[{i}] needs a known role and a string content", where=f"{path}:1"
+            )
+        out.append({"role": role, "content": content})
+    return out
