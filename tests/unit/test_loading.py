@@ -280,3 +280,29 @@ def test_hub_fetches_only_needed_files(monkeypatch, tiny_llama):
     assert "*.safetensors" in patterns and "*.safetensors" not in tok_patterns
     for name in ("pytorch_model.bin", "model.pt", "model.pth", "modeling_x.py"):
         assert not any(Path(name).match(p) for p in patterns)
+
+
+# --- through the CLI: one line on stderr, exit status 2, no traceback ----------------------------
+
+
+def test_cli_reports_model_errors_in_one_line(tmp_path, checkpoint_copy):
+    from click.testing import CliRunner
+
+    from mlxsft.cli import main
+
+    if main.get_command(None, "data") is None:
+        pytest.skip("no `mlxsft data` command yet")
+    data = tmp_path / "train.jsonl"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    data.write_text(json.dumps(row) + "\n")
+    (checkpoint_copy / "tokenizer.json").unlink()
+    cases = {
+        "./no/such/dir": "model directory not found",
+        "someone/not-a-real-model-xyz": "offline mode is on",
+        str(checkpoint_copy): "no tokenizer files",
+    }
+    for model, expected in cases.items():
+        result = CliRunner().invoke(main, ["data", "inspect", str(data), "--model", model])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
