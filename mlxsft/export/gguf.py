@@ -1,0 +1,257 @@
+"""The GGUF v3 file format in NumPy alone: write and read metadata + tensors (f32, f16, q8_0).
+
+Layout (little-endian): magic `GGUF`, version 3, tensor count (u64), metadata count (u64), the
+metadata key/values, the tensor infos (name, n_dims, dims innermost-first, ggml type, offset),
+padding to `general.alignment`, then the tensor data, each tensor aligned. A NumPy array of shape
+(rows, cols) is stored with dims [cols, rows]. Q8_0 packs blocks of 32 values along the innermost
+axis as one float16 scale followed by 32 int8, like ggml's `quantize_row_q8_0_ref`.
+What goes *into* the file for a model (names, metadata, vocab) lives in `gguf_model.py`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+MAGIC = b"GGUF"
+VERSION = 3
+ALIGNMENT = 32
+
+# ggml tensor types this module writes and reads.
+GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
+GGML_TYPE_NAMES = {GGML_F32: "f32", GGML_F16: "f16", GGML_Q8_0: "q8_0"}
+QK8_0 = 32  # values per q8_0 block
+Q8_0_BLOCK_BYTES = 2 + QK8_0
+
+# GGUF metadata value types.
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = range(10)
+UINT64, INT64, FLOAT64 = 10, 11, 12
+_SCALAR = {
+    UINT8: "<B",
+    INT8: "<b",
+    UINT16: "<H",
+    INT16: "<h",
+    UINT32: "<I",
+    INT32: "<i",
+    FLOAT32: "<f",
+    BOOL: "<?",
+    UINT64: "<Q",
+    INT64: "<q",
+    FLOAT64: "<d",
+}
+_NP_TO_GGUF = {
+    np.dtype(np.uint8): UINT8,
+    np.dtype(np.int8): INT8,
+    np.dtype(np.uint16): UINT16,
+    np.dtype(np.int16): INT16,
+    np.dtype(np.uint32): UINT32,
+    np.dtype(np.int32): INT32,
+    np.dtype(np.float32): FLOAT32,
+    np.dtype(np.bool_): BOOL,
+    np.dtype(np.uint64): UINT64,
+    np.dtype(np.int64): INT64,
+    np.dtype(np.float64): FLOAT64,
+}
+
+
+@dataclass
+class Tensor:
+    """One tensor of a GGUF file: `data` in NumPy order (q8_0 read back as float32 values)."""
+
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]  # NumPy order, outermost first
+    data: np.ndarray
+
+
+# ------------------------------------------------------------------------------------- q8_0
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """float array (..., n) with n % 32 == 0 -> raw q8_0 bytes (uint8, (..., n // 32 * 34))."""
+    assert x.shape[-1] % QK8_0 == 0, x.shape
+    blocks = x.astype(np.float32).reshape(-1, QK8_0)  # (n_blocks, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0  # (n_blocks, 1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, 0.0, 1.0 / d)
+    qs = _round_half_away(blocks * inv).astype(np.int8)  # (n_blocks, 32)
+    raw = np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
+    return raw.reshape(*x.shape[:-1], x.shape[-1] // QK8_0 * Q8_0_BLOCK_BYTES)
+
+
+def dequantize_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw q8_0 bytes -> float32 array of `shape` (NumPy order)."""
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, Q8_0_BLOCK_BYTES)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
+    qs = blocks[:, 2:].copy().view(np.int8).astype(np.float32)  # (n_blocks, 32)
+    return (d * qs).reshape(shape)
+
+
+def encode_tensor(x: np.ndarray, ggml_type: int) -> np.ndarray:
+    """A float array as the bytes of `ggml_type` (uint8 or typed array, C order)."""
+    if ggml_type == GGML_F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if ggml_type == GGML_F16:
+        return np.ascontiguousarray(x, dtype=np.float16)
+    if ggml_type == GGML_Q8_0:
+        return quantize_q8_0(x)
+    raise ValueError(f"unsupported ggml type {ggml_type}")
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def _w_str(f: BinaryIO, s: str) -> None:
+    b = s.encode("utf-8")
+    f.write(struct.pack("<Q", len(b)))
+    f.write(b)
+
+
+def _value_type(v: Any) -> tuple[int, Any]:
+    """(gguf type, value) for a Python/NumPy value; ints become UINT32 (llama.cpp's choice)."""
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], int) and v[0] in _SCALAR:
+        return v  # explicit (type, value)
+    if isinstance(v, (bool, np.bool_)):
+        return BOOL, bool(v)
+    if isinstance(v, (int, np.integer)):
+        return (UINT32 if 0 <= v < 2**32 else INT64), int(v)
+    if isinstance(v, (float, np.floating)):
+        return FLOAT32, float(v)
+    if isinstance(v, str):
+        return STRING, v
+    if isinstance(v, (list, np.ndarray)):
+        return ARRAY, v
+    raise TypeError(f"cannot store {type(v).__name__} in GGUF metadata")
+
+
+def _w_value(f: BinaryIO, vtype: int, v: Any) -> None:
+    if vtype == STRING:
+        _w_str(f, v)
+    elif vtype == ARRAY:
+        if isinstance(v, np.ndarray):
+            etype = _NP_TO_GGUF[v.dtype]
+            f.write(struct.pack("<IQ", etype, v.size))
+            f.write(np.ascontiguousarray(v).astype(v.dtype.newbyteorder("<")).tobytes())
+            return
+        etype = _value_type(v[0])[0] if v else STRING
+        f.write(struct.pack("<IQ", etype, len(v)))
+        if etype == STRING:
+            for s in v:
+                _w_str(f, s)
+        else:
+            for x in v:
+                _w_value(f, etype, x)
+    else:
+        f.write(struct.pack(_SCALAR[vtype], v))
+
+
+def _pad(n: int, align: int) -> int:
+    return (align - n % align) % align
+
+
+def write_gguf(
+    path: str | Path, metadata: dict[str, Any], tensors: list[tuple[str, np.ndarray, int]]
+) -> Path:
+    """Write a GGUF v3 file: `tensors` are (name, float array in NumPy order, ggml type)."""
+    path = Path(path)
+    align = int(metadata.get("general.alignment", ALIGNMENT))
+    encoded = [(name, x.shape, t, encode_tensor(x, t)) for name, x, t in tensors]
+    with open(path, "wb") as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<IQQ", VERSION, len(encoded), len(metadata)))
+        for key, value in metadata.items():
+            vtype, v = _value_type(value)
+            _w_str(f, key)
+            f.write(struct.pack("<I", vtype))
+            _w_value(f, vtype, v)
+        offset = 0
+        for name, shape, t, data in encoded:
+            _w_str(f, name)
+            f.write(struct.pack("<I", len(shape)))
+            for dim in reversed(shape):  # ggml: innermost first
+                f.write(struct.pack("<Q", dim))
+            f.write(struct.pack("<IQ", t, offset))
+            offset += data.nbytes + _pad(data.nbytes, align)
+        f.write(b"\0" * _pad(f.tell(), align))
+        for _, _, _, data in encoded:
+            f.write(data.tobytes())
+            f.write(b"\0" * _pad(data.nbytes, align))
+    return path
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+class _Reader:
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos = buf, 0
+
+    def unpack(self, fmt: str) -> Any:
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int) -> Any:
+        if vtype == STRING:
+            return self.string()
+        if vtype == ARRAY:
+            etype, n = self.unpack("<I"), self.unpack("<Q")
+            if etype in (STRING, ARRAY):
+                return [self.value(etype) for _ in range(n)]
+            dtype = np.dtype(_SCALAR[etype])
+            arr = np.frombuffer(self.buf, dtype=dtype, count=n, offset=self.pos).copy()
+            self.pos += n * dtype.itemsize
+            return arr
+        return self.unpack(_SCALAR[vtype])
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, tensors by name) of a GGUF v2/v3 file with f32/f16/q8_0 tensors."""
+    data = Path(path).read_bytes()
+    r = _Reader(memoryview(data))
+    if bytes(r.buf[:4]) != MAGIC:
+        raise ValueError(f"{path}: not a GGUF file")
+    r.pos = 4
+    version, n_tensors, n_kv = r.unpack("<I"), r.unpack("<Q"), r.unpack("<Q")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version}")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = r.string()
+        metadata[key] = r.value(r.unpack("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = r.string()
+        n_dims = r.unpack("<I")
+        dims = [r.unpack("<Q") for _ in range(n_dims)]
+        infos.append((name, tuple(reversed(dims)), r.unpack("<I"), r.unpack("<Q")))
+    align = int(metadata.get("general.alignment", ALIGNMENT))
+    start = r.pos + _pad(r.pos, align)
+    tensors = {}
+    for name, shape, t, off in infos:
+        n = int(np.prod(shape))
+        if t == GGML_F32:
+            arr = np.frombuffer(data, np.float32, n, start + off).reshape(shape)
+        elif t == GGML_F16:
+            arr = np.frombuffer(data, np.float16, n, start + off).reshape(shape)
+        elif t == GGML_Q8_0:
+            raw = np.frombuffer(data, np.uint8, n // QK8_0 * Q8_0_BLOCK_BYTES, start + off)
+            arr = dequantize_q8_0(raw, shape)
+        else:
+            raise ValueError(f"{path}: tensor {name} has unsupported ggml type {t}")
+        tensors[name] = Tensor(name, t, shape, arr)
+    return metadata, tensors

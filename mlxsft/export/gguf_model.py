@@ -1,0 +1,187 @@
+"""A dense llama-family model (llama, mistral, qwen2, qwen3) -> GGUF tensors and metadata.
+
+Mirrors llama.cpp's `convert_hf_to_gguf.py` for these architectures: llama.cpp tensor names, the
+q/k row permutation for llama/mistral (whose HF weights are laid out for rotate-half RoPE while
+llama.cpp's `llama` arch rotates adjacent pairs; qwen2/qwen3 use NEOX RoPE and are not permuted),
+1-D tensors (norms, biases) kept in f32, and Llama 3's `rope_freqs` table for `rope_type: llama3`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxsft.errors import ModelError
+from mlxsft.export import gguf
+from mlxsft.export.gguf_vocab import vocab_metadata
+
+# HF model_type -> GGUF architecture
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PERMUTE_QK = {"llama"}  # GGUF archs that use llama.cpp's normal (GPT-J style) RoPE
+DTYPES = {"f32": gguf.GGML_F32, "f16": gguf.GGML_F16, "q8_0": gguf.GGML_Q8_0}
+FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype
+
+_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """llama.cpp's name for an HF weight name; None for buffers llama.cpp drops."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _LAYER_RE.match(hf_name)
+    if m and m.group(2) in _LAYER:
+        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
+    raise ModelError(f"GGUF export: no llama.cpp name for weight {hf_name!r}")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of q/k (n_head * head_dim, ...) from rotate-half to interleaved RoPE order.
+
+    Per head, HF keeps the first halves of the rotated pairs then the second halves; llama.cpp
+    wants pairs adjacent: row (h, i, j) -> (h, j, i) for i in {0, 1}, j < head_dim / 2.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray | None:
+    """`rope_freqs.weight` for Llama 3.1+ (`rope_scaling.rope_type == "llama3"`), as llama.cpp."""
+    rs = config.get("rope_scaling") or {}
+    rope_type = (rs.get("rope_type") or rs.get("type") or "").lower()
+    if rope_type in ("", "default"):
+        return None
+    if rope_type != "llama3":
+        if rope_type == "linear":
+            return None  # written as metadata
+        raise ModelError(f"GGUF export: rope_scaling type {rope_type!r} is not supported")
+    dim, base = _head_dim(config), config.get("rope_theta", 10000.0)
+    factor = rs.get("factor", 8.0)
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_ctx = rs.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wl:
+            out.append(1.0)
+        elif wavelen > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def model_metadata(config: dict, name: str, dtype: str) -> dict[str, Any]:
+    """`general.*` and `<arch>.*` hyper-parameters for an HF config dict."""
+    mt = config.get("model_type")
+    if mt not in ARCHS:
+        raise ModelError(
+            f"GGUF export supports model_type {sorted(ARCHS)}, not {mt!r}",
+            hint="export to HF format with `mlxsft fuse` and convert with llama.cpp",
+        )
+    arch = ARCHS[mt]
+    n_head = config["num_attention_heads"]
+    meta: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.name": name,
+        "general.file_type": FILE_TYPE[dtype],
+        "general.quantization_version": 2,
+        f"{arch}.context_length": config.get("max_position_embeddings", 4096),
+        f"{arch}.embedding_length": config["hidden_size"],
+        f"{arch}.block_count": config["num_hidden_layers"],
+        f"{arch}.feed_forward_length": config["intermediate_size"],
+        f"{arch}.attention.head_count": n_head,
+        f"{arch}.attention.head_count_kv": config.get("num_key_value_heads", n_head),
+        f"{arch}.rope.freq_base": float(config.get("rope_theta", 10000.0)),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
+        f"{arch}.rope.dimension_count": _head_dim(config),
+    }
+    if arch == "qwen3" or _head_dim(config) != config["hidden_size"] // n_head:
+        meta[f"{arch}.attention.key_length"] = _head_dim(config)
+        meta[f"{arch}.attention.value_length"] = _head_dim(config)
+    rs = config.get("rope_scaling") or {}
+    if (rs.get("rope_type") or rs.get("type")) == "linear":
+        meta[f"{arch}.rope.scaling.type"] = "linear"
+        meta[f"{arch}.rope.scaling.factor"] = float(rs["factor"])
+    return meta
+
+
+def _tensor_type(name: str, x: np.ndarray, dtype: str) -> int:
+    if x.ndim == 1 or dtype == "f32":
+        return gguf.GGML_F32
+    if dtype == "q8_0" and x.shape[-1] % gguf.QK8_0 != 0:
+        return gguf.GGML_F16  # llama.cpp falls back the same way for odd rows
+    return DTYPES[dtype]
+
+
+def model_tensors(
+    weights: dict[str, np.ndarray], config: dict, dtype: str
+) -> list[tuple[str, np.ndarray, int]]:
+    """(gguf name, float32 array, ggml type) for HF-named float weights, in file order."""
+    arch = ARCHS[config["model_type"]]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    out = []
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        out.append(("rope_freqs.weight", factors, gguf.GGML_F32))
+    for hf_name, w in weights.items():
+        name = gguf_name(hf_name)
+        if name is None:
+            continue
+        x = np.asarray(w, dtype=np.float32)
+        if arch in PERMUTE_QK and ".attn_q." in name:
+            x = permute_qk(x, n_head)
+        elif arch in PERMUTE_QK and ".attn_k." in name:
+            x = permute_qk(x, n_kv)
+        out.append((name, x, _tensor_type(name, x, dtype)))
+    return out
+
+
+def write_model_gguf(
+    path: str | Path,
+    weights: dict[str, np.ndarray],
+    config: dict,
+    tokenizer_dir: Path,
+    *,
+    dtype: str = "f16",
+    name: str | None = None,
+) -> Path:
+    """Write a GGUF file for float HF-named `weights` + `config`, tokenizer from `tokenizer_dir`."""
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown GGUF dtype {dtype!r}", hint=f"one of {sorted(DTYPES)}")
+    meta = model_metadata(config, name or Path(tokenizer_dir).name, dtype)
+    tensors = model_tensors(weights, config, dtype)
+    n_vocab = weights["model.embed_tokens.weight"].shape[0]
+    meta[f"{meta['general.architecture']}.vocab_size"] = int(n_vocab)
+    meta.update(vocab_metadata(Path(tokenizer_dir), n_vocab))
+    return gguf.write_gguf(path, meta, tensors)
