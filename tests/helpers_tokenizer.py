@@ -22,7 +22,7 @@ BASE_CORPUS = (
     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
     "### Input:\n### Response:\n system user assistant tool ipython model [INST] [/INST] "
     "[TOOL_CALLS] [TOOL_RESULTS] [/TOOL_RESULTS] name arguments parameters tool_call "
-    "<tool_call></tool_call> {}\":, 0123456789"
+    '<tool_call></tool_call> {}":, 0123456789'
 )
 
 
@@ -62,4 +62,6 @@ def tokens(tokenizer, ids) -> list[str]:
 
 
 def trained_tokens(tokenizer, encoded) -> list[str]:
-    return [t for t, m in zip(tokens(tokenizer, encoded.input_ids), encoded.loss_mask) if m]
+    return [
+        t for t, m in zip(tokens(tokenizer, encoded.input_ids), encoded.loss_mask, strict=True) if m
+    ]
