@@ -1,0 +1,72 @@
+"""`mlxsft fuse` and `mlxsft export`: ship a fine-tune as an HF model, a PEFT adapter or a GGUF."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("fuse")
+@click.option("--model", required=True, help="Base model: a local HF-format dir or a hub id.")
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Adapter dir (mlxsft / mlx-lm, or PEFT).",
+)
+@click.option("--output", required=True, type=click.Path(), help="Directory for the fused model.")
+@click.option("--dequantize", is_flag=True, help="Write float weights for a quantized base.")
+@click.option(
+    "--quantize", type=click.Choice(["4", "8"]), default=None, help="Re-quantize after fusing."
+)
+def fuse(model: str, adapter: str, output: str, dequantize: bool, quantize: str | None) -> None:
+    """Merge a LoRA/DoRA adapter into the base weights; write an HF-format model directory.
+
+    Prints a fidelity report (max |logit diff|, KL between base+adapter and the fused model) and
+    warns when re-quantisation erased most of the adapter's effect.
+    """
+    from mlxsft.export.fuse import fuse_model
+
+    fuse_model(
+        model,
+        adapter,
+        output,
+        dequantize=dequantize,
+        quantize=int(quantize) if quantize else None,
+        echo=click.echo,
+    )
+
+
+@click.command("export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["peft", "gguf"]))
+@click.option("--output", required=True, type=click.Path(), help="PEFT dir, or FILE.gguf.")
+@click.option("--model", default=None, help="Base model (required for gguf).")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False), help="Adapter dir.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["f16", "f32", "q8_0"]),
+    default="f16",
+    show_default=True,
+    help="GGUF tensor type (norms stay f32).",
+)
+def export(fmt: str, output: str, model: str | None, adapter: str | None, dtype: str) -> None:
+    """Export an adapter as a PEFT LoRA adapter, or a model (+ adapter) as GGUF + Ollama Modelfile.
+
+    \b
+    mlxsft export --adapter adapters --format peft --output peft_adapter [--model BASE]
+    mlxsft export --model BASE [--adapter adapters] --format gguf --output model.gguf
+    """
+    from mlxsft.errors import UserError
+
+    if fmt == "peft":
+        from mlxsft.export.peft import export_peft
+
+        if adapter is None:
+            raise UserError("--format peft needs --adapter DIR")
+        out = export_peft(adapter, output, base_model=model)
+        click.echo(f"wrote PEFT adapter {out}")
+        return
+    from mlxsft.export.fuse import export_gguf
+
+    if model is None:
+        raise UserError("--format gguf needs --model (the base model)")
+    export_gguf(model, output, adapter=adapter, dtype=dtype, echo=click.echo)
