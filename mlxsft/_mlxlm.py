@@ -126,15 +126,13 @@ def stream_generate(
     `temp=0` is greedy. `prompt` is token ids (render chat prompts with mlxsft's templates).
     """
     from mlx_lm.generate import stream_generate as _stream_generate
-    from mlx_lm.sample_utils import make_sampler
 
-    sampler = make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     return _stream_generate(
         model,
         tokenizer_wrapper,
         prompt,
         max_tokens=max_tokens,
-        sampler=sampler,
+        sampler=make_sampler(temp, top_p, top_k, min_p),
         prompt_cache=prompt_cache,
     )
 
