@@ -72,6 +72,13 @@ class BatchPlan:
     def examples(self) -> list[int]:
         return [i for row in self.rows for i in row]
 
+    def shard(self, index: int, n_shards: int) -> BatchPlan:
+        """Rows of shard `index` of `n_shards` (data parallel: plan batch_size * world rows, each
+        rank takes its shard; every rank then runs the same number of steps)."""
+        assert len(self.rows) % n_shards == 0, f"{len(self.rows)} rows into {n_shards} shards"
+        k = len(self.rows) // n_shards
+        return BatchPlan(self.rows[index * k : (index + 1) * k], self.seq_len, self.packed)
+
 
 def _positions(lengths_or_encoded: Sequence[int] | Sequence[Encoded]) -> np.ndarray:
     """Trained-position count (tokens - 1) of each example."""

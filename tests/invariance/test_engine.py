@@ -175,20 +175,54 @@ def test_dropout_draws_fresh_masks_under_compile(tiny_llama):
 
 def test_compilations_bounded_and_eval_matches(tiny_llama):
     model = lora_model(tiny_llama)
-    step = make_train_step(model, optim.Adam(1e-3), max_grad_norm=1.0)
+    step = make_train_step(model, optim.Adam(1e-2), max_grad_norm=1.0)
+    eval_step = make_eval_step(model)
     data = dataset(30, seed=6)
     batches = epoch_batches(data, batch_size=2, max_seq_len=40, pack=True, seed=0, epoch=0)
+    padded = epoch_batches(data[:4], batch_size=2, max_seq_len=40, pack=False, seed=0, epoch=0)
+    before = float(eval_step(batches[0])[0])
     for b in batches:
         step([b])
     assert step.n_compilations == 2
-    eval_step = make_eval_step(model)
-    for b in batches[:2] + epoch_batches(
-        data[:4], batch_size=2, max_seq_len=40, pack=False, seed=0, epoch=0
-    ):
+    # the compiled eval step sees the updated weights (model state is a compiled input)
+    assert float(eval_step(batches[0])[0]) != pytest.approx(before, rel=1e-3)
+    for b in batches[:2] + padded:
         s, n = eval_step(b)
         ref_s, ref_n = batch_loss(model, b)
         assert float(n) == float(ref_n) == b.n_trained
         assert float(s) == pytest.approx(float(ref_s), rel=1e-5)
+
+
+def test_all_reduce_sums_tokens_grads_and_loss(tiny_llama):
+    """Two identical ranks (all_reduce = x * 2) take exactly the single-rank step."""
+    (b,) = epoch_batches(dataset(6), batch_size=2, max_seq_len=64, pack=True, seed=0, epoch=0)
+    out = []
+    for all_reduce in (None, lambda x: 2 * x):
+        model = lora_model(tiny_llama)
+        step = make_train_step(model, optim.SGD(0.5), max_grad_norm=None, all_reduce=all_reduce)
+        out.append((step([b]), weights(model)))
+    (r1, w1), (r2, w2) = out
+    assert r2[1] == 2 * r1[1] and r2[0] == pytest.approx(r1[0], rel=1e-6)
+    for k in w1:
+        np.testing.assert_allclose(w1[k], w2[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "kind,fixture", [("lora", "tiny_llama_q4"), ("dora", "tiny_llama_q4"), ("full", "tiny_llama")]
+)
+def test_step_trains_only_what_it_should(request, kind, fixture):
+    model = _mlxlm.load_model(request.getfixturevalue(fixture))[0]
+    apply_adapters(model, fine_tune_type=kind, rank=4)
+    frozen = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    trainable = set(weights(model))
+    step = make_train_step(model, optim.Adam(1e-2), max_grad_norm=1.0)
+    (b,) = epoch_batches(dataset(4), batch_size=2, max_seq_len=64, pack=True, seed=0, epoch=0)
+    losses = [step([b])[0] for _ in range(4)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in frozen.items():
+        changed = not np.array_equal(np.array(after[k]), v)
+        assert changed == (k in trainable), k
 
 
 def test_grad_checkpoint_per_instance(tiny_llama):
@@ -204,3 +238,8 @@ def test_grad_checkpoint_per_instance(tiny_llama):
     assert a[0] == pytest.approx(b[0], rel=1e-6) and a[1] == b[1]
     for k in a[2]:
         np.testing.assert_allclose(a[2][k], b[2][k], rtol=1e-5, atol=1e-7, err_msg=k)
+    for model in (plain, ckpt):  # and inside the compiled step
+        make_train_step(model, optim.SGD(1.0), max_grad_norm=None)(batches)
+    wa, wb = weights(plain), weights(ckpt)
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7, err_msg=k)

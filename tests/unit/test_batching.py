@@ -134,3 +134,14 @@ def test_split_rows():
     assert sum(p.n_trained for p in parts) == b.n_trained
     np.testing.assert_array_equal(np.concatenate([p.inputs for p in parts]), b.inputs)
     assert isinstance(parts[0], Batch)
+
+
+def test_plan_shard_matches_batch_split():
+    data = random_dataset(30, 20)
+    for plan in plan_epoch(data, batch_size=4, max_seq_len=32, pack=True, seed=0, epoch=0):
+        whole = make_batch(data, plan).split(2)
+        for rank in range(2):
+            part = make_batch(data, plan.shard(rank, 2))
+            np.testing.assert_array_equal(part.inputs, whole[rank].inputs)
+            np.testing.assert_array_equal(part.target_mask, whole[rank].target_mask)
+            assert part.n_trained == whole[rank].n_trained
