@@ -1,0 +1,120 @@
+"""PEFT adapter export/import: key names, shapes, config, exact round trip, logits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from _export_utils import adapted_logits, write_random_adapter
+from safetensors.numpy import load_file
+
+from mlxsft.errors import UserError
+from mlxsft.export.peft import (
+    convert_peft_to_mlx,
+    ensure_mlx_adapter,
+    export_peft,
+    import_peft,
+    is_peft_adapter,
+)
+
+IDS = [1, 40, 41, 300, 7, 99, 12]
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_llama, tmp_path_factory):
+    return write_random_adapter(tiny_llama, tmp_path_factory.mktemp("lora") / "a")
+
+
+@pytest.fixture(scope="module")
+def dora_dir(tiny_qwen2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dora") / "a"
+    return write_random_adapter(
+        tiny_qwen2, out, fine_tune_type="dora", targets=("k_proj", "o_proj")
+    )
+
+
+def test_peft_names_shapes_and_config(lora_dir, tiny_llama, tmp_path):
+    out = export_peft(lora_dir, tmp_path / "peft", base_model="org/tiny")
+    assert is_peft_adapter(out) and not is_peft_adapter(lora_dir)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0
+    assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert cfg["layers_to_transform"] == [0, 1]
+    assert cfg["base_model_name_or_path"] == "org/tiny"
+    assert cfg["use_dora"] is False
+    w = load_file(out / "adapter_model.safetensors")
+    assert len(w) == 2 * 3 * 2  # layers x modules x (A, B)
+    pre = "base_model.model.model.layers.0."
+    assert w[pre + "self_attn.q_proj.lora_A.weight"].shape == (4, 64)  # (r, in)
+    assert w[pre + "self_attn.q_proj.lora_B.weight"].shape == (64, 4)  # (out, r)
+    assert w[pre + "self_attn.v_proj.lora_B.weight"].shape == (32, 4)  # 2 kv heads x 16
+    assert w[pre + "mlp.down_proj.lora_A.weight"].shape == (4, 128)
+    mlx = load_file(lora_dir / "adapters.safetensors")
+    a = mlx["model.layers.0.self_attn.q_proj.lora_a"]
+    assert np.array_equal(w[pre + "self_attn.q_proj.lora_A.weight"], a.T)
+
+
+@pytest.mark.parametrize("which", ["lora_dir", "dora_dir"])
+def test_round_trip_exact(which, request, tmp_path):
+    src = request.getfixturevalue(which)
+    peft_dir = export_peft(src, tmp_path / "peft")
+    back = import_peft(peft_dir, tmp_path / "mlx")
+    a, b = load_file(src / "adapters.safetensors"), load_file(back / "adapters.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    src_cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg = json.loads((back / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == src_cfg["fine_tune_type"]
+    for key in ("rank", "scale"):
+        assert cfg["lora_parameters"][key] == src_cfg["lora_parameters"][key], key
+    assert cfg["lora_parameters"]["keys"] == sorted(src_cfg["lora_parameters"]["keys"])
+
+
+def test_dora_magnitude_key(dora_dir):
+    from mlxsft.export.peft import convert_mlx_to_peft
+
+    w, cfg = convert_mlx_to_peft(dora_dir)
+    assert cfg["use_dora"] is True
+    m = w["base_model.model.model.layers.1.self_attn.o_proj.lora_magnitude_vector"]
+    assert m.shape == (64,)
+
+
+def test_peft_adapter_loads_with_same_logits(lora_dir, tiny_llama, tmp_path):
+    peft_dir = export_peft(lora_dir, tmp_path / "peft")
+    assert ensure_mlx_adapter(lora_dir) == lora_dir
+    ref = adapted_logits(tiny_llama, lora_dir, IDS)
+    got = adapted_logits(tiny_llama, peft_dir, IDS)
+    assert np.array_equal(ref, got)
+    assert np.abs(ref - adapted_logits(tiny_llama, None, IDS)).max() > 1e-2  # adapter matters
+
+
+def test_full_fine_tune_and_bad_peft_are_user_errors(tmp_path, lora_dir):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "adapter_config.json").write_text('{"fine_tune_type": "full"}')
+    with pytest.raises(UserError, match="no LoRA adapter"):
+        export_peft(full, tmp_path / "x")
+    peft_dir = export_peft(lora_dir, tmp_path / "p")
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    (peft_dir / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    with pytest.raises(UserError, match="use_rslora"):
+        convert_peft_to_mlx(peft_dir)
+
+
+@pytest.mark.optional
+def test_hf_peft_reproduces_mlxsft_logits(lora_dir, tiny_llama, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_dir = export_peft(lora_dir, tmp_path / "peft")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    with torch.no_grad():
+        got = model(torch.tensor([IDS])).logits[0].numpy()
+    ref = adapted_logits(tiny_llama, lora_dir, IDS)
+    assert np.abs(got - ref).max() < 1e-4
