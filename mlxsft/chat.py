@@ -90,25 +90,27 @@ class ChatSession:
         self.turns = [m for m in messages if m["role"] != "system"]
 
     def _fit(self, on_notice: Callable[[str], None]) -> list[int]:
-        """Prompt ids for the conversation, dropping the oldest turns while it overflows."""
+        """Prompt ids for the conversation, dropping the oldest turns while it overflows (the
+        history is left untouched when even the newest message alone does not fit)."""
         ids = self.gen.prompt_ids(self.messages)
-        dropped = 0
+        turns, dropped = self.turns, 0
         while len(ids) + self.params.max_tokens > self.max_context:
-            users = [i for i, m in enumerate(self.turns) if m["role"] == "user"]
+            users = [i for i, m in enumerate(turns) if m["role"] == "user"]
             if len(users) < 2:
                 raise UserError(
                     f"the message needs {len(ids)} + max_tokens {self.params.max_tokens} tokens, "
                     f"more than the context window ({self.max_context})",
                     hint="send a shorter message or lower max_tokens with /params",
                 )
-            del self.turns[: users[1]]
-            dropped += 1
-            ids = self.gen.prompt_ids(self.messages)
+            turns, dropped = turns[users[1] :], dropped + 1
+            head = [{"role": "system", "content": self.system}] if self.system else []
+            ids = self.gen.prompt_ids(head + turns)
         if dropped:
+            self.turns = turns
+            kept = " and the system prompt" if self.system else ""
             on_notice(
                 f"context window full: dropped the {dropped} oldest turn(s); "
-                f"{len(self.turns) // 2 + 1} kept"
-                + (" with the system prompt" if self.system else "")
+                f"kept {(len(turns) - 1) // 2} earlier turn(s){kept}"
             )
         return ids
 
@@ -143,7 +145,8 @@ class ChatSession:
         n_cached = min(min(_mlxlm.cache_lengths(self.cache)), len(fed))
         _mlxlm.trim_cache_to(self.cache, n_cached)
         self.context = fed[:n_cached]
-        self.turns.append({"role": "assistant", "content": result.text})
+        # The exact decoded ids (the streamed text may drop a leading space, as mlx-lm's does).
+        self.turns.append({"role": "assistant", "content": self.gen.decode(result.tokens)})
         return result
 
 
@@ -202,8 +205,13 @@ def run_repl(
     out: TextIO | None = None,
     err: TextIO | None = None,
     show_stats: bool = True,
+    record: TextIO | None = None,
 ) -> None:
-    """Read messages and commands until /exit or EOF; replies stream to `out`, notes to `err`."""
+    """Read messages and commands until /exit or EOF; replies stream to `out`, notes to `err`.
+
+    `record` gets one JSON line per reply: the prompt ids the model saw, how many of them were
+    fed (the rest came from the KV cache) and the reply ids.
+    """
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin is sys.stdin and stdin.isatty()
     if interactive:
@@ -223,14 +231,24 @@ def run_repl(
                 if not handle_command(session, line, out, err):
                     break
                 continue
-            _reply(session, line, out, err, show_stats)
+            result = _reply(session, line, out, err, show_stats)
+            if record is not None:
+                row = {
+                    "prompt_ids": session.prompts[-1],
+                    "n_fed": len(session.fed[-1]),
+                    "reply_ids": result.tokens,
+                }
+                record.write(json.dumps(row) + "\n")
+                record.flush()
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=err)
         except KeyboardInterrupt:
             print("\n[interrupted]", file=err)
 
 
-def _reply(session: ChatSession, line: str, out: TextIO, err: TextIO, show_stats: bool) -> None:
+def _reply(
+    session: ChatSession, line: str, out: TextIO, err: TextIO, show_stats: bool
+) -> Generation:
     def write(segment: str) -> None:
         out.write(segment)
         out.flush()
@@ -244,3 +262,4 @@ def _reply(session: ChatSession, line: str, out: TextIO, err: TextIO, show_stats
         print(f"[reply cut at max_tokens={session.params.max_tokens}]", file=err)
     if show_stats:
         print(f"[{result.stats_line()}]", file=err)
+    return result

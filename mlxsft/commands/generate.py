@@ -112,7 +112,9 @@ def generate(prompt, messages_file, raw, verbose, **kw) -> None:
               help="Context window in tokens (default: the model's); older turns are dropped.")  # fmt: skip
 @click.option("--stats/--no-stats", default=True, show_default=True,
               help="Print tokens/s after each reply (stderr).")  # fmt: skip
-def chat(max_context, stats, **kw) -> None:
+@click.option("--record", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Append per reply a JSON line: prompt ids the model saw, ids fed, reply ids.")  # fmt: skip
+def chat(max_context, stats, record, **kw) -> None:
     """Chat with a model in a REPL rendered with the training template (/help for commands).
 
     Replies go to stdout and notes to stderr, so piped stdin works for scripting: each line is a
@@ -124,4 +126,8 @@ def chat(max_context, stats, **kw) -> None:
     params = _params(kw)
     gen = Generator.load(kw["model"], adapter=kw["adapter"], template=kw["template"])
     session = ChatSession(gen, system=kw["system"], params=params, max_context=max_context)
-    run_repl(session, show_stats=stats)
+    if record is None:
+        run_repl(session, show_stats=stats)
+        return
+    with open(record, "a", encoding="utf-8") as rec:
+        run_repl(session, show_stats=stats, record=rec)
