@@ -280,22 +280,12 @@ class Generator:
 
 
 def _mlx_adapter_dir(adapter: str | None) -> str | None:
-    """An mlx-lm adapter dir for `adapter`; PEFT adapters are converted (to a temp dir) first."""
+    """An mlx-lm adapter dir for `adapter`: PEFT adapters are converted first (export.peft)."""
     if adapter is None:
         return None
-    try:
-        from mlxsft.export import peft
-    except ImportError:
-        return adapter
-    is_peft = getattr(peft, "is_peft_adapter", None)
-    convert = getattr(peft, "convert_peft_to_mlx", None)
-    if is_peft is None or convert is None or not is_peft(adapter):
-        return adapter
-    import tempfile
+    from mlxsft.export.peft import ensure_mlx_adapter
 
-    out = Path(tempfile.mkdtemp(prefix="mlxsft-peft-"))
-    convert(adapter, out)
-    return str(out)
+    return str(ensure_mlx_adapter(adapter))
 
 
 def read_messages(path: str) -> list[dict[str, Any]]:

@@ -142,3 +142,22 @@ def test_chat_through_piped_stdin(tiny_llama: Path, tmp_path: Path) -> None:
         {"role": "user", "content": "New topic."},
     ]
     assert rows[3]["prompt_ids"] == gen.prompt_ids(after_reset)
+
+
+def test_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(gen: Generator) -> None:
+    s = ChatSession(gen, params=PARAMS)
+    calls: list[str] = []
+
+    def interrupt(segment: str) -> None:
+        calls.append(segment)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    first = s.send("Hello there.", on_text=interrupt)
+    assert first.finish_reason == "interrupted"
+    assert s.messages[-1] == {"role": "assistant", "content": gen.decode(first.tokens)}
+    # Every token the cache holds is known: the prompt, then the reply tokens fed so far.
+    assert len(s.context) == len(s.prompts[0]) + len(first.tokens)
+    assert s.context == s.prompts[0] + first.tokens
+    second = s.send("Go on.")
+    assert second.tokens == gen.generate(s.prompts[1], PARAMS).tokens

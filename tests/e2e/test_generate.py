@@ -177,3 +177,65 @@ def test_cli_stories260k_raw_continuation(shared_fixtures: Path) -> None:
     assert "generation: 20 tokens" in res.stderr and "tokens/s" in res.stderr
     text, _ = _mlx_lm_greedy(model, [1, 403, 407, 261, 378], 20)  # BOS + "Once upon a time"
     assert res.stdout == text + "\n"
+
+
+def _random_adapter(path: Path, out: Path) -> Path:
+    """An mlx-lm LoRA adapter dir with non-zero lora_b (so it changes the output)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlxsft import _mlxlm
+
+    model, _ = _mlxlm.load_model(path)
+    model.freeze()
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "mlp.down_proj"]}
+    linear_to_lora_layers(model, 2, lora)
+    rng = np.random.default_rng(0)
+    weights = {
+        k: mx.array(rng.standard_normal(v.shape).astype(np.float32) * 0.2)
+        for k, v in tree_flatten(model.trainable_parameters())
+    }
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_adapter_greedy_equals_mlx_lm(tiny_llama: Path, tmp_path: Path) -> None:
+    adapter = _random_adapter(tiny_llama, tmp_path / "adapter")
+    gen = Generator.load(str(tiny_llama), adapter=str(adapter))
+    ids = gen.prompt_ids(MESSAGES)
+    out = gen.generate(ids, SamplingParams(max_tokens=16))
+    _, tokens = _mlx_lm_greedy_adapter(tiny_llama, adapter, ids, 16)
+    assert out.tokens == tokens
+    base = Generator.load(str(tiny_llama)).generate(ids, SamplingParams(max_tokens=16))
+    assert out.tokens != base.tokens
+
+
+def _mlx_lm_greedy_adapter(path: Path, adapter: Path, ids: list[int], n: int):
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(path), adapter_path=str(adapter))
+    responses = list(mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=n))
+    return "".join(r.text for r in responses), [
+        r.token for r in responses if r.finish_reason != "stop"
+    ]
+
+
+def test_ctrl_c_ends_the_reply_early(llama_gen: Generator) -> None:
+    ids = llama_gen.prompt_ids(MESSAGES)
+    full = llama_gen.generate(ids, SamplingParams(max_tokens=16))
+    seen: list[str] = []
+
+    def interrupt_after_3(segment: str) -> None:
+        seen.append(segment)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    out = llama_gen.generate(ids, SamplingParams(max_tokens=16), on_text=interrupt_after_3)
+    assert out.finish_reason == "interrupted"
+    assert 3 <= len(out.tokens) < len(full.tokens)
+    assert out.tokens == full.tokens[: len(out.tokens)]
