@@ -58,6 +58,14 @@ def _pre_type(tok: dict) -> str:
     return "default"
 
 
+def _fast_tokenizer_json(model_dir: Path) -> dict:
+    """tokenizer.json content for a vocab.json + merges.txt tokenizer (built by transformers)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
 def _sentencepiece_vocab(model_file: Path) -> tuple[list[str], list[float], list[int]]:
     from sentencepiece import SentencePieceProcessor
 
@@ -91,6 +99,8 @@ def _json_vocab(tok: dict) -> list[str | None]:
 def vocab_metadata(model_dir: Path, n_vocab: int) -> dict[str, Any]:
     """`tokenizer.ggml.*` metadata (+ chat template) for the tokenizer in `model_dir`."""
     tok = _read_json(model_dir / "tokenizer.json")
+    if not tok and (model_dir / "vocab.json").is_file():
+        tok = _fast_tokenizer_json(model_dir)
     cfg = _read_json(model_dir / "tokenizer_config.json")
     model = tok.get("model", {})
     added = {a["id"]: a for a in tok.get("added_tokens", [])}

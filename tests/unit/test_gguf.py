@@ -200,3 +200,34 @@ def test_modelfile_templates():
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n' in text
     unknown = modelfile_text("m.gguf", "{{ weird }}")
     assert "TEMPLATE" not in unknown and "tokenizer.chat_template" in unknown
+
+
+def test_sentencepiece_vocab_matches_llama2_gguf(shared_fixtures):
+    """Llama-2's tokenizer.model -> the same tokens/scores/types as a published Llama-2 GGUF."""
+    tok_dir = shared_fixtures / "tokenizers" / "llama-2"
+    ref = shared_fixtures / "models" / "llama-2-tiny-random" / "llama-2-tiny-random.gguf"
+    if not (tok_dir / "tokenizer.model").is_file() or not ref.is_file():
+        pytest.skip("llama-2 fixtures absent")
+    meta = vocab_metadata(tok_dir, 32000)
+    ref_meta, _ = gguf.read_gguf(ref)
+    assert meta["tokenizer.ggml.model"] == ref_meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.tokens"] == ref_meta["tokenizer.ggml.tokens"]
+    assert np.array_equal(meta["tokenizer.ggml.scores"], ref_meta["tokenizer.ggml.scores"])
+    assert np.array_equal(meta["tokenizer.ggml.token_type"], ref_meta["tokenizer.ggml.token_type"])
+    for key in ("bos", "eos", "unknown"):
+        k = f"tokenizer.ggml.{key}_token_id"
+        assert meta[k] == ref_meta[k], k
+
+
+def test_qwen2_vocab_from_vocab_json(shared_fixtures):
+    tok_dir = shared_fixtures / "tokenizers" / "qwen2.5-instruct"
+    if not (tok_dir / "vocab.json").is_file():
+        pytest.skip("qwen2.5 tokenizer fixture absent")
+    meta = vocab_metadata(tok_dir, 151936)  # Qwen2.5-0.5B's embedding rows
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "qwen2"
+    assert len(meta["tokenizer.ggml.merges"]) == 151387
+    assert tokens[151645] == "<|im_end|>" and types[151645] == CONTROL
+    assert tokens[151665] == "[PAD151665]" and types[151665] == UNUSED
+    assert meta["tokenizer.ggml.eos_token_id"] == 151645
+    assert "<|im_start|>" in meta["tokenizer.chat_template"]
