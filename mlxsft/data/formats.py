@@ -225,7 +225,7 @@ def normalise(row: Any, fmt: str, where: str) -> Example:
         return _normalise_chat(row, where)
     if fmt == "alpaca":
         instruction = _str_field(row, "instruction", where)
-        out_key = "output" if "output" in row else "response"
+        out_key = "response" if "response" in row and "output" not in row else "output"
         output = _str_field(row, out_key, where, nonempty=True)
         in_key = "input" if "input" in row else "context"
         context = _str_field(row, in_key, where, required=False)
@@ -247,7 +247,10 @@ def normalise(row: Any, fmt: str, where: str) -> Example:
 
 
 def _normalise_chat(row: dict, where: str) -> Example:
-    key = "messages" if "messages" in row else "conversations"
+    key = "conversations" if "conversations" in row and "messages" not in row else "messages"
+    if key not in row:
+        have = ", ".join(sorted(row)) or "none"
+        raise DataError(f"missing key 'messages' (has: {have})", where=where)
     turns = row[key]
     if not isinstance(turns, list):
         raise DataError(f"{key!r} must be an array, got {_type(turns)}", where=where)

@@ -201,3 +201,10 @@ def test_missing_path_and_hub_id_without_datasets(tmp_path):
 def test_real_datasets_read_cleanly(rel, kind, n):
     examples, errors = read_examples(FIXTURES / rel)
     assert not errors and len(examples) == n and {e.kind for e in examples} == {kind}
+
+
+def test_forced_format_reports_its_missing_keys():
+    with pytest.raises(DataError, match=r"missing key 'messages' \(has: prompt\)"):
+        normalise({"prompt": "a"}, "chat", "f:1")
+    with pytest.raises(DataError, match=r"missing key 'output' \(has: instruction\)"):
+        normalise({"instruction": "a"}, "alpaca", "f:1")
