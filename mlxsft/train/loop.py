@@ -239,6 +239,25 @@ def _start_fresh(out: Path, world: World, progress_log: Any) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _diverged(loss: float, step: int, out: Path, world: World) -> TrainingDiverged:
+    """The loss of step s comes from the weights after step s - 1, so checkpoints from step
+    s - 1 on hold bad weights: remove them, and point at the newest one left."""
+    import shutil
+
+    good = None
+    for path in ckpt.list_checkpoints(out):
+        if int(path.name.split("-")[1]) >= step - 1:
+            if world.is_main:
+                shutil.rmtree(path, ignore_errors=True)
+        else:
+            good = path
+    where = f"the last good checkpoint is {good}" if good else "no good checkpoint was saved"
+    return TrainingDiverged(
+        f"the training loss became {loss} at step {step}; stopped ({where})",
+        hint="lower --learning-rate, add --warmup, or set --max-grad-norm 1.0",
+    )
+
+
 def _wire_memory() -> None:
     """On Apple silicon, wire the model's memory like mlx-lm does; a no-op elsewhere."""
     try:
@@ -325,10 +344,9 @@ def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
     eval_fn = make_eval_step(model)
     last_loss: float | None = None
     val_loss: float | None = None
-    last_saved: Path | None = resume_from
 
     def save() -> Path | None:
-        nonlocal last_saved
+        last_saved = None
         state.np_rng = rng.bit_generator.state
         state.elapsed_s = time.perf_counter() - t_start + elapsed_before
         if world.is_main:
@@ -376,11 +394,7 @@ def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
             state.batch_index += 1
             if not math.isfinite(loss):
                 progress.close()
-                where = f"; the last good checkpoint is {last_saved}" if last_saved else ""
-                raise TrainingDiverged(
-                    f"the training loss became {loss} at step {state.step}{where}",
-                    hint="lower --learning-rate, add --warmup, or set --max-grad-norm 1.0",
-                )
+                raise _diverged(loss, state.step, out, world)
             state.trained_tokens += n_tokens
             last_loss = loss
             if state.step == 1:
