@@ -7,13 +7,13 @@ known up front from the masks. Each compiled micro-step adds grad(ce_sum / N) to
 the compiled update all-reduces (sums) it across ranks, clips it by global norm and applies it.
 Model, optimizer and RNG state are compiled state (`inputs=state, outputs=state`), so dropout
 draws fresh randomness every call. Shapes are fixed by batching, so traces stay few: at most one
-per (batch shape, packed, first/later micro-batch); `n_compilations` counts them.
+per (batch shape, packed, first/later micro-batch, loss-head bucket); `n_compilations`
+counts them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from mlxsft.data.batching import Batch
-from mlxsft.train.loss import CEFn, ce_sum
+from mlxsft.train.loss import FULL_HEAD, LossHead, ce_sum
 
 AllReduce = Callable[[mx.array], mx.array]
 
@@ -32,8 +32,19 @@ def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array | None
     return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.target_mask), seg
 
 
+def _n_select(head: LossHead, batch: Batch) -> int | None:
+    """The head's static gather size for this batch (a compile-cache key), if it has one."""
+    return head.select(batch.n_trained, batch.inputs.size) if head.select else None
+
+
 class TrainStep:
-    """`step(micro_batches) -> (mean loss over trained tokens, trained tokens)`, all ranks."""
+    """`step(micro_batches) -> (mean loss over trained tokens, trained tokens)`, all ranks.
+
+    Enable grad checkpointing and restore checkpoints before the first call (tracing bakes in
+    the layer code; state containers are re-read every call). `last_grad_norm` is the global
+    gradient norm before clipping. A NaN/inf loss is returned as is (the update already ran):
+    the caller stops the run.
+    """
 
     def __init__(
         self,
@@ -43,16 +54,16 @@ class TrainStep:
         max_grad_norm: float | None,
         compile: bool = True,
         all_reduce: AllReduce | None = None,
-        ce_fn: CEFn | None = None,
+        head: LossHead = FULL_HEAD,
     ):
         self.model, self.optimizer = model, optimizer
         self.max_grad_norm, self.compile, self.all_reduce = max_grad_norm, compile, all_reduce
-        self.ce_fn = ce_fn
+        self.head = head
         self.n_compilations = 0
         self.last_grad_norm: float | None = None
         self._state: list[Any] = []
         self._refresh_state()
-        self._micro: dict[tuple[bool, bool], Callable] = {}
+        self._micro = self._maybe_compile(self._micro_fn)
         self._update = self._maybe_compile(self._update_fn)
 
     def _refresh_state(self) -> None:
@@ -69,30 +80,21 @@ class TrainStep:
         if self.compile:  # runs only while mx.compile traces
             self.n_compilations += 1
 
-    def _loss(self, inputs, targets, target_mask, seg, inv_n):
-        total, _ = ce_sum(self.model, inputs, targets, target_mask, seg, ce_fn=self.ce_fn)
+    def _loss(self, inputs, targets, target_mask, seg, inv_n, n_select):
+        total, _ = ce_sum(
+            self.model, inputs, targets, target_mask, seg, head=self.head, n_select=n_select
+        )
         return total * inv_n, total
 
-    def _micro_fn(self, accumulate: bool, inputs, targets, target_mask, seg, inv_n, *acc):
+    def _micro_fn(self, inputs, targets, target_mask, seg, inv_n, n_select, *acc):
+        """Forward + backward of one micro-batch, grads of ce_sum / N added to `acc` if given.
+        `seg` None (padded batch) and `n_select` are static: part of the compile-cache key."""
         self._traced()
         grad_fn = nn.value_and_grad(self.model, self._loss)
-        (_, total), grads = grad_fn(inputs, targets, target_mask, seg, inv_n)
-        if accumulate:
+        (_, total), grads = grad_fn(inputs, targets, target_mask, seg, inv_n, n_select)
+        if acc:
             grads = tree_map(mx.add, acc[0], grads)
         return total, grads
-
-    def _micro_step(self, accumulate: bool, packed: bool) -> Callable:
-        key = (accumulate, packed)
-        if key not in self._micro:
-            fn = partial(self._micro_fn, accumulate)
-            if not packed:
-                fn = partial(self._unpacked, fn)
-            self._micro[key] = self._maybe_compile(fn)
-        return self._micro[key]
-
-    @staticmethod
-    def _unpacked(fn, inputs, targets, target_mask, inv_n, *acc):
-        return fn(inputs, targets, target_mask, None, inv_n, *acc)
 
     def _update_fn(self, grads):
         self._traced()
@@ -109,8 +111,7 @@ class TrainStep:
         assert micro_batches, "an optimizer step needs at least one micro-batch"
         self.model.train()
         self._refresh_state()
-        n_local = sum(b.n_trained for b in micro_batches)
-        n_total = mx.array(float(n_local))
+        n_total = mx.array(float(sum(b.n_trained for b in micro_batches)))
         if self.all_reduce is not None:
             n_total = self.all_reduce(n_total)
         n = int(n_total.item())
@@ -119,10 +120,8 @@ class TrainStep:
         inv_n = mx.array(1.0 / n, mx.float32)
         loss_sum, grads = mx.array(0.0), None
         for k, batch in enumerate(micro_batches):
-            inputs, targets, target_mask, seg = _arrays(batch)
-            args = (inputs, targets, target_mask) + ((seg,) if batch.packed else ())
             acc = () if k == 0 else (grads,)
-            total, grads = self._micro_step(k > 0, batch.packed)(*args, inv_n, *acc)
+            total, grads = self._micro(*_arrays(batch), inv_n, _n_select(self.head, batch), *acc)
             loss_sum = loss_sum + total
             mx.eval(total, grads)  # bound memory: one micro-batch graph at a time
         norm = self._update(grads)
@@ -140,7 +139,7 @@ def make_train_step(
     max_grad_norm: float | None,
     compile: bool = True,
     all_reduce: AllReduce | None = None,
-    ce_fn: CEFn | None = None,
+    head: LossHead = FULL_HEAD,
 ) -> TrainStep:
     """A (compiled) optimizer step; see `TrainStep`."""
     return TrainStep(
@@ -149,34 +148,26 @@ def make_train_step(
         max_grad_norm=max_grad_norm,
         compile=compile,
         all_reduce=all_reduce,
-        ce_fn=ce_fn,
+        head=head,
     )
 
 
 def make_eval_step(
-    model: nn.Module, *, compile: bool = True, ce_fn: CEFn | None = None
+    model: nn.Module, *, compile: bool = True, head: LossHead = FULL_HEAD
 ) -> Callable[[Batch], tuple[mx.array, mx.array]]:
-    """`eval_step(batch) -> (ce_sum, n_trained)` as lazy float32 scalars, masked as in training."""
+    """`eval_step(batch) -> (ce_sum, n_trained)` as lazy float32 scalars, masked as in training
+    (dropout off during the call)."""
 
-    def packed(inputs, targets, target_mask, seg):
-        return ce_sum(model, inputs, targets, target_mask, seg, ce_fn=ce_fn)
-
-    def unpacked(inputs, targets, target_mask):
-        return ce_sum(model, inputs, targets, target_mask, None, ce_fn=ce_fn)
+    def fn(inputs, targets, target_mask, seg, n_select):
+        return ce_sum(model, inputs, targets, target_mask, seg, head=head, n_select=n_select)
 
     if compile:
-        packed = mx.compile(packed, inputs=[model.state])
-        unpacked = mx.compile(unpacked, inputs=[model.state])
+        fn = mx.compile(fn, inputs=[model.state])
 
     def eval_step(batch: Batch) -> tuple[mx.array, mx.array]:
         was_training = model.training
         model.eval()
-        inputs, targets, target_mask, seg = _arrays(batch)
-        out = (
-            packed(inputs, targets, target_mask, seg)
-            if batch.packed
-            else unpacked(inputs, targets, target_mask)
-        )
+        out = fn(*_arrays(batch), _n_select(head, batch))
         model.train(was_training)
         return out
 

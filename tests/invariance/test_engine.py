@@ -243,3 +243,29 @@ def test_grad_checkpoint_per_instance(tiny_llama):
     wa, wb = weights(plain), weights(ckpt)
     for k in wa:
         np.testing.assert_allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_selective_head_step_equals_full(request, fixture):
+    """The chunked/selective LM-head loss slots in behind the same step: same losses, weights."""
+    pytest.importorskip("mlxsft.train.chunked_ce")
+    from mlxsft.train.loss import selective_head
+
+    path = request.getfixturevalue(fixture)
+    batches = epoch_batches(
+        dataset(30, seed=8), batch_size=2, max_seq_len=32, pack=True, seed=0, epoch=0
+    )
+    runs = []
+    for head in (None, selective_head(chunk_size=16)):
+        model = lora_model(path)
+        kw = {} if head is None else {"head": head}
+        step = make_train_step(model, optim.AdamW(1e-2), max_grad_norm=1.0, **kw)
+        losses = [step([b])[0] for b in batches[:3]] + [step(batches[3].split(2))[0]]
+        eval_step = make_eval_step(model, **kw)
+        runs.append((losses, weights(model), float(eval_step(batches[0])[0]), step.n_compilations))
+    (l1, w1, e1, c1), (l2, w2, e2, c2) = runs
+    np.testing.assert_allclose(l2, l1, rtol=1e-5)
+    assert e2 == pytest.approx(e1, rel=1e-5)
+    assert c1 == 4 and 4 <= c2 <= 1 + 2 * 8  # bounded by the head's buckets
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=2e-5, err_msg=k)  # Adam: lr 1e-2
