@@ -225,3 +225,23 @@ def test_export_peft_cli(llama_adapter, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     result = CliRunner().invoke(main, ["export", "--format", "peft", "--output", str(out)])
     assert result.exit_code == 2 and "needs --adapter" in result.output
+
+
+def test_sharded_output_loads(tiny_llama, llama_adapter, tmp_path):
+    from mlxsft.export.fuse import load_with_adapter
+    from mlxsft.export.hf import save_hf_model
+    from mlxsft.model import lora
+
+    loaded = load_with_adapter(str(tiny_llama), llama_adapter)
+    lora.fuse_adapters(loaded.model)
+    out = save_hf_model(
+        tmp_path / "sharded", loaded.model, loaded.config, loaded.path, max_shard_bytes=100_000
+    )
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert len(index["weight_map"]) == 21  # 2 layers x 9 + embed, norm, lm_head
+    assert not (out / "model.safetensors").exists()
+    ref = adapted_logits(tiny_llama, llama_adapter, IDS)
+    assert np.abs(fused_logits(out) - ref).max() < 1e-4
