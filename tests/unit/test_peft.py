@@ -105,16 +105,20 @@ def test_full_fine_tune_and_bad_peft_are_user_errors(tmp_path, lora_dir):
 
 
 @pytest.mark.optional
-def test_hf_peft_reproduces_mlxsft_logits(lora_dir, tiny_llama, tmp_path):
+@pytest.mark.parametrize(
+    ("which", "base"), [("lora_dir", "tiny_llama"), ("dora_dir", "tiny_qwen2")]
+)
+def test_hf_peft_reproduces_mlxsft_logits(which, base, request, tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    peft_dir = export_peft(lora_dir, tmp_path / "peft")
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+    adapter, base_dir = request.getfixturevalue(which), request.getfixturevalue(base)
+    peft_dir = export_peft(adapter, tmp_path / "peft")
+    hf_base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(hf_base, str(peft_dir)).eval()
     with torch.no_grad():
         got = model(torch.tensor([IDS])).logits[0].numpy()
-    ref = adapted_logits(tiny_llama, lora_dir, IDS)
+    ref = adapted_logits(base_dir, adapter, IDS)
     assert np.abs(got - ref).max() < 1e-4
