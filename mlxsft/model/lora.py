@@ -166,6 +166,10 @@ def apply_adapters(
         raise UserError(
             f"unknown fine_tune_type {fine_tune_type!r}", hint=f"one of {FINE_TUNE_TYPES}"
         )
+    if any(isinstance(m, LoRALinear) for _, m in model.named_modules()):
+        raise UserError(
+            "the model already has adapters", hint="fuse them first (mlxsft fuse) or load the base"
+        )
     blocks = _blocks(model)
     n = len(blocks) if num_layers < 0 else min(num_layers, len(blocks))
     config: dict[str, Any] = {"fine_tune_type": fine_tune_type, "num_layers": n}
@@ -267,7 +271,15 @@ def fuse_adapters(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
 
 
 def n_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (quantized weights counted as stored)."""
+    """(trainable, total) parameter counts; a quantized weight counts its unpacked size."""
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    total = 0
+    for _, module in model.named_modules():
+        own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+        if hasattr(module, "bits") and "weight" in own:  # packed weight; scales/biases are overhead
+            total += own["weight"].size * 32 // module.bits + (
+                own["bias"].size if "bias" in own else 0
+            )
+        else:
+            total += sum(v.size for v in own.values())
     return trainable, total

@@ -19,6 +19,7 @@ from mlxsft.model.lora import (
     apply_adapters,
     fuse_adapters,
     load_adapters,
+    n_parameters,
     save_adapters,
 )
 
@@ -197,3 +198,26 @@ def test_dora_is_lora_subclass_with_magnitude(tiny_llama):
     assert isinstance(layer, DoRALinear)
     w = np.array(layer.linear.weight)
     np.testing.assert_allclose(np.array(layer.m), np.linalg.norm(w, axis=1), rtol=1e-6)
+
+
+def test_full_save_and_mlx_lm_parity(tiny_llama_base, tmp_path):
+    import mlx_lm
+
+    model = load(tiny_llama_base)
+    config = apply_adapters(model, fine_tune_type="full")
+    randomize_adapters(model)  # perturbs every (trainable) weight
+    ours = logits(model)
+    save_adapters(model, tmp_path, config)
+    np.testing.assert_array_equal(logits(load_adapters(load(tiny_llama_base), tmp_path)), ours)
+    theirs, _ = mlx_lm.load(str(tiny_llama_base), adapter_path=str(tmp_path))
+    np.testing.assert_allclose(logits(theirs), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_counts_and_no_double_wrap(tiny_llama, tiny_llama_q4):
+    dense, quant = load(tiny_llama), load(tiny_llama_q4)
+    assert n_parameters(quant)[1] == n_parameters(dense)[1]  # unpacked sizes
+    apply_adapters(dense, fine_tune_type="lora", rank=4, target_modules="q_proj")
+    # 2 layers x q_proj (64 -> 64): lora_a (64, 4) + lora_b (4, 64)
+    assert n_parameters(dense)[0] == 2 * (64 * 4 + 4 * 64)
+    with pytest.raises(UserError, match="already has adapters"):
+        apply_adapters(dense, fine_tune_type="lora")
