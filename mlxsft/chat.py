@@ -10,6 +10,7 @@ first token does not grow with the history. `run_repl` reads lines from a TTY or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -134,7 +135,8 @@ class ChatSession:
         if self.cache is None:
             self.cache, self.context = _mlxlm.make_cache(self.gen.model), []
         keep = min(_common_prefix(self.context, ids), len(ids) - 1)  # feed at least one token
-        if not _mlxlm.trim_cache_to(self.cache, keep):
+        # A fresh cache when nothing is reused or this cache cannot be trimmed (rotating/SSM).
+        if keep == 0 or not _mlxlm.trim_cache_to(self.cache, keep):
             self.cache, keep = _mlxlm.make_cache(self.gen.model), 0
         suffix = ids[keep:]
         self.fed.append(suffix)
@@ -215,6 +217,8 @@ def run_repl(
     stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin is sys.stdin and stdin.isatty()
     if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
         print("[chat: /help for commands, Ctrl-D or /exit to quit]", file=err)
     while True:
         try:
