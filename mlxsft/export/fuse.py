@@ -159,6 +159,13 @@ def fuse_model(
     if quantize is not None and quantize not in (4, 8):
         raise UserError(f"--quantize must be 4 or 8, not {quantize}")
     loaded = load_with_adapter(model, adapter)
+    out = Path(output).resolve()
+    if out in (loaded.path.resolve(), Path(adapter).resolve()):
+        raise UserError(
+            "--output would overwrite the base model or the adapter",
+            where=str(output),
+            hint="choose a new directory",
+        )
     net, config = loaded.model, dict(loaded.config)
     if _mlxlm.is_quantized(net) and quantize is not None and not dequantize:
         raise UserError(

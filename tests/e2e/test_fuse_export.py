@@ -245,3 +245,10 @@ def test_sharded_output_loads(tiny_llama, llama_adapter, tmp_path):
     assert not (out / "model.safetensors").exists()
     ref = adapted_logits(tiny_llama, llama_adapter, IDS)
     assert np.abs(fused_logits(out) - ref).max() < 1e-4
+
+
+def test_fuse_refuses_to_overwrite_the_base(tiny_llama, llama_adapter):
+    args = ["fuse", "--model", str(tiny_llama), "--adapter", str(llama_adapter)]
+    result = CliRunner().invoke(main, [*args, "--output", str(tiny_llama)])
+    assert result.exit_code == 2 and "would overwrite the base model" in result.output
+    assert (tiny_llama / "model.safetensors").is_file()
