@@ -105,6 +105,12 @@ def _example_json(enc) -> dict:
     }
 
 
+def _drop_problem(out) -> str:
+    if out.reason == "template raised":  # the detail already says which template and why
+        return out.detail
+    return f"{out.reason} ({out.detail})" if out.detail else out.reason
+
+
 def marked_text(tokenizer, input_ids, loss_mask, *, color: bool) -> str:
     """Decode runs of equally-masked tokens; trained runs in green or inside [[...]]."""
     parts: list[str] = []
@@ -153,8 +159,7 @@ def validate(data_path, fmt, model, template, train_on) -> None:
             for ex in examples:
                 out = encode_example(ex, tokenizer, chat_template, train_on, bos_id=bos_id)
                 if isinstance(out, Dropped):
-                    detail = f": {out.detail}" if out.detail else ""
-                    problems.append(f"{out.source}: {out.reason}{detail}")
+                    problems.append(f"{out.source}: {_drop_problem(out)}")
         for line in problems:
             click.echo(line)
         n_rows += len(examples) + len(errors)

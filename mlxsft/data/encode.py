@@ -129,8 +129,29 @@ def _turn_span(template, msgs, i, full, markers, where, tools) -> tuple[Span, bo
     return (start, start + len(full[start:end].rstrip())), False
 
 
-def _search_span(full: str, content: str, cursor: int, markers) -> tuple[Span, bool] | None:
-    """Fallback: the content found at or after `cursor`, plus an immediately following marker."""
+def _generation_header(template, msgs, i, tools, where) -> str:
+    """What add_generation_prompt appends before assistant turn i ("<|im_start|>assistant\n")."""
+    try:
+        bare = template.render(msgs[:i], tools=tools, where=where)
+        prompt = template.render(msgs[:i], add_generation_prompt=True, tools=tools, where=where)
+    except TemplateRenderError:
+        return ""
+    return prompt[len(bare) :] if prompt.startswith(bare) else ""
+
+
+def _search_span(full, content, cursor, markers, header) -> tuple[Span, bool] | None:
+    """Fallback for a turn that is not prefix-stable: the turn starts after the next generation
+    header at or after `cursor` and runs to the first end-of-turn marker; without a header, the
+    content itself is searched for, plus an immediately following marker."""
+    at = full.find(header, cursor) if header.strip() else -1
+    if at >= 0:
+        start = at + len(header)
+        ends = [full.find(m, start) for m in markers]
+        ends = [(e, m) for e, m in zip(ends, markers, strict=True) if e >= 0]
+        if ends:
+            end, marker = min(ends)
+            if content.strip() in full[start:end]:
+                return (start, end + len(marker)), True
     for needle in (content, content.strip()):
         if not needle:
             continue
@@ -164,7 +185,8 @@ def _template_render(
             continue
         found = _turn_span(template, msgs, i, full, markers, where, tools)
         if found is None:
-            found = _search_span(full, msgs[i]["content"], cursor, markers)
+            header = _generation_header(template, msgs, i, tools, where)
+            found = _search_span(full, msgs[i]["content"], cursor, markers, header)
             if found is None:
                 reason = "not prefix-stable: cannot locate an assistant turn in the render"
                 return Dropped(where, reason, detail=f"message {i}")

@@ -341,7 +341,9 @@ def _tools(row: dict, where: str) -> list[dict] | None:
             raise DataError(f"'tools' is not valid JSON: {exc.msg}", where=where) from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise DataError(f"'tools' must be an array of objects, got {_type(tools)}", where=where)
-    return tools
+    # bare schemas ({"name", "parameters"}) -> the OpenAI/HF form templates expect
+    return [t if "function" in t or "name" not in t else {"type": "function", "function": t}
+            for t in tools]  # fmt: skip
 
 
 def _str_field(row: dict, key: str, where: str, *, required: bool = True, nonempty=False) -> str:

@@ -94,7 +94,7 @@ def test_validate_with_a_template_that_raises(tmp_path, model_dir):
     )
     assert result.exit_code == 1
     assert result.stdout.strip().splitlines() == [
-        f"{data}:1: template raised: template {str(strict)!r} raised: System role not supported"
+        f"{data}:1: template {str(strict)!r} raised: System role not supported"
     ]
     assert "Traceback" not in result.output
 

@@ -88,7 +88,7 @@ def test_sharegpt_roles_are_mapped():
     assert ex.messages[2].tool_calls == [
         {"type": "function", "function": {"name": "search", "arguments": {"q": "rice"}}}
     ]
-    assert ex.tools == [{"name": "search"}]
+    assert ex.tools == [{"type": "function", "function": {"name": "search"}}]  # HF/OpenAI form
 
 
 @pytest.mark.parametrize(
