@@ -103,6 +103,11 @@ class DoRALinear(LoRALinear):
         return _new_linear(self.linear, weight, dequantize)
 
 
+def _is_adapter(module: nn.Module) -> bool:
+    """Ours or mlx-lm's LoRA/DoRA layers (same names, same `fuse(dequantize)`)."""
+    return "lora_a" in module and callable(getattr(module, "fuse", None))
+
+
 def _new_linear(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
     """A Linear with `weight` and base's bias, re-quantized like `base` unless `dequantize`."""
     out_dims, in_dims = weight.shape
@@ -166,7 +171,7 @@ def apply_adapters(
         raise UserError(
             f"unknown fine_tune_type {fine_tune_type!r}", hint=f"one of {FINE_TUNE_TYPES}"
         )
-    if any(isinstance(m, LoRALinear) for _, m in model.named_modules()):
+    if any(_is_adapter(m) for _, m in model.named_modules()):
         raise UserError(
             "the model already has adapters", hint="fuse them first (mlxsft fuse) or load the base"
         )
@@ -260,7 +265,7 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 def fuse_adapters(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     """Replace every LoRA/DoRA layer by a plain (or re-quantized) linear with the adapter folded in
     (W + scale * (A @ B)^T, DoRA rescaled by m). `dequantize` also dequantizes the whole model."""
-    fused = [(k, m.fuse(dequantize)) for k, m in model.named_modules() if isinstance(m, LoRALinear)]
+    fused = [(k, m.fuse(dequantize)) for k, m in model.named_modules() if _is_adapter(m)]
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:

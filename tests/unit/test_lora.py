@@ -221,3 +221,19 @@ def test_parameter_counts_and_no_double_wrap(tiny_llama, tiny_llama_q4):
     assert n_parameters(dense)[0] == 2 * (64 * 4 + 4 * 64)
     with pytest.raises(UserError, match="already has adapters"):
         apply_adapters(dense, fine_tune_type="lora")
+
+
+def test_fuse_handles_mlx_lm_adapter_layers(tiny_llama, tmp_path):
+    """A model whose adapters mlx-lm applied (its own LoRA classes) fuses the same way."""
+    model = load(tiny_llama)
+    config = apply_adapters(model, fine_tune_type="lora", rank=4)
+    randomize_adapters(model)
+    save_adapters(model, tmp_path, config)
+    theirs = _mlxlm.load_adapters(load(tiny_llama), tmp_path)
+    assert type(theirs.layers[0].mlp.up_proj).__module__.startswith("mlx_lm")
+    adapted = logits(theirs)
+    with pytest.raises(UserError, match="already has adapters"):
+        apply_adapters(theirs)
+    fuse_adapters(theirs)
+    assert not any("lora_a" in m for _, m in theirs.named_modules())
+    np.testing.assert_allclose(logits(theirs), adapted, atol=1e-5, rtol=1e-5)
