@@ -128,7 +128,7 @@ def base_logits(model: Any, prompts: list[list[int]]) -> list[np.ndarray]:
 
 def load_with_adapter(model: str, adapter: str | Path | None) -> Any:
     """`Loaded` base model with mlxsft LoRA/DoRA layers applied from `adapter` (mlx-lm or PEFT)."""
-    from mlxsft.export.peft import ensure_mlx_adapter
+    from mlxsft.export.peft import apply_peft_adapter, is_peft_adapter
     from mlxsft.model import lora
     from mlxsft.model.loading import load
 
@@ -137,7 +137,10 @@ def load_with_adapter(model: str, adapter: str | Path | None) -> Any:
         adapter_dir = Path(adapter)
         if not adapter_dir.is_dir():
             raise UserError("adapter directory not found", where=str(adapter))
-        lora.load_adapters(loaded.model, ensure_mlx_adapter(adapter_dir))
+        if is_peft_adapter(adapter_dir):
+            apply_peft_adapter(loaded.model, adapter_dir)
+        else:
+            lora.load_adapters(loaded.model, adapter_dir)
         loaded.model.eval()
     return loaded
 

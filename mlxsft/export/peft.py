@@ -190,16 +190,49 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
 def ensure_mlx_adapter(adapter_dir: str | Path, cache_root: str | Path | None = None) -> Path:
     """`adapter_dir` itself for an mlx-lm adapter; for a PEFT one, a converted mlx-lm copy.
 
-    The copy goes to `<adapter_dir>/.mlx` when writable (else a temp dir), so loaders
-    (`model.loading.load(adapter=...)`) can hand any adapter dir to mlx-lm.
+    The copy goes to `<cache_root or temp dir>/mlxsft-peft-<hash>` (keyed by the PEFT dir's path
+    and file times), so loaders that take an mlx-lm adapter dir accept PEFT dirs too; the PEFT
+    dir itself is never written to.
     """
+    import hashlib
+    import tempfile
+
     d = Path(adapter_dir)
     if not is_peft_adapter(d):
         return d
-    import tempfile
+    files = [d / "adapter_config.json", d / "adapter_model.safetensors"]
+    key = str(d.resolve()) + "".join(str(f.stat().st_mtime_ns) for f in files)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return import_peft(d, Path(cache_root or tempfile.gettempdir()) / f"mlxsft-peft-{digest}")
 
-    target = Path(cache_root) if cache_root else d / ".mlx"
-    try:
-        return import_peft(d, target)
-    except OSError:
-        return import_peft(d, tempfile.mkdtemp(prefix="mlxsft-peft-"))
+
+def apply_peft_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """Wrap `model`'s layers in mlxsft LoRA/DoRA layers and load a PEFT adapter's weights."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlxsft.errors import ModelError
+    from mlxsft.model import lora
+
+    weights, cfg = convert_peft_to_mlx(adapter_dir)
+    p = cfg["lora_parameters"]
+    lora.apply_adapters(
+        model,
+        fine_tune_type=cfg["fine_tune_type"],
+        rank=p["rank"],
+        alpha=p["scale"] * p["rank"],
+        dropout=p["dropout"],
+        target_modules=p["keys"],
+        num_layers=-1,
+    )
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    bad = [k for k, v in weights.items() if k not in expected or v.shape != expected[k].shape]
+    if bad:
+        raise ModelError(
+            f"PEFT adapter does not fit this model: {bad[:3]}",
+            where=str(adapter_dir),
+            hint="load the base model the adapter was trained on",
+        )
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=False)
+    mx.eval(model.parameters())
+    return model

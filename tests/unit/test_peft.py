@@ -91,6 +91,21 @@ def test_peft_adapter_loads_with_same_logits(lora_dir, tiny_llama, tmp_path):
     assert np.abs(ref - adapted_logits(tiny_llama, None, IDS)).max() > 1e-2  # adapter matters
 
 
+def test_ensure_mlx_adapter_feeds_mlx_lm_loader(lora_dir, tiny_llama, tmp_path):
+    import mlx.core as mx
+
+    from mlxsft.model.loading import load
+
+    peft_dir = export_peft(lora_dir, tmp_path / "peft")
+    before = sorted(p.name for p in peft_dir.iterdir())
+    mlx_dir = ensure_mlx_adapter(peft_dir, tmp_path / "cache")
+    assert mlx_dir.parent == tmp_path / "cache" and (mlx_dir / "adapters.safetensors").is_file()
+    assert sorted(p.name for p in peft_dir.iterdir()) == before  # the PEFT dir is not written
+    model = load(str(tiny_llama), adapter=str(mlx_dir)).model  # mlx-lm's own adapter loader
+    got = np.array(model(mx.array([IDS]))[0])
+    assert np.abs(got - adapted_logits(tiny_llama, lora_dir, IDS)).max() < 1e-5
+
+
 def test_full_fine_tune_and_bad_peft_are_user_errors(tmp_path, lora_dir):
     full = tmp_path / "full"
     full.mkdir()
