@@ -265,5 +265,6 @@ def _reply(
     elif result.finish_reason == "length":
         print(f"[reply cut at max_tokens={session.params.max_tokens}]", file=err)
     if show_stats:
-        print(f"[{result.stats_line()}]", file=err)
+        cached = len(session.prompts[-1]) - len(session.fed[-1])
+        print(f"[{cached} prompt tokens reused from the cache | {result.stats_line()}]", file=err)
     return result
