@@ -60,7 +60,7 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
     from mlxsft.data.encode import encode_dataset
     from mlxsft.data.formats import read_examples
     from mlxsft.data.stats import format_stats
-    from mlxsft.data.templates import resolve_template
+    from mlxsft.data.templates import resolve_template, template_warnings
     from mlxsft.errors import DataError
 
     examples, errors = read_examples(data_path, fmt, split=split)
@@ -73,6 +73,8 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
         click.echo(f"warning: {len(errors) - 5} more bad rows skipped", err=True)
     tokenizer = _load_tokenizer(model)
     chat_template = resolve_template(template, tokenizer)
+    for warning in template_warnings(chat_template, tokenizer):
+        click.echo(f"warning: {warning}", err=True)
     encoded, stats = encode_dataset(
         examples, tokenizer, chat_template, train_on, max_seq_len, batch_size=batch_size
     )

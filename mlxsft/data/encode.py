@@ -244,8 +244,10 @@ def encode_example(
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     if bos_id is False:
         bos_id = bos_if_added(tokenizer)
-    if example.kind in ("completion", "text") or template is None:
+    if example.kind in ("completion", "text"):
         r = _raw_render(example, tokenizer, train_on)
+    elif template is None:
+        raise ValueError(f"{example.source}: a {example.kind} example needs a chat template")
     else:
         try:
             r = _template_render(example, template, tokenizer, train_on)

@@ -19,6 +19,12 @@ from typing import Any
 from mlxsft.errors import DataError, UserError
 
 BUILTIN = ("alpaca", "chatml", "llama3", "mistral", "gemma", "phi3")
+BUILTIN_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+    "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
+}
 CHOICES = ("auto", *BUILTIN, "tokenizer")
 
 
@@ -167,3 +173,17 @@ def resolve_template(spec: str, tokenizer: Any) -> ChatTemplate:
         f"unknown template {spec!r}",
         hint=f"use one of {', '.join(CHOICES)} or a path to a .jinja file",
     )
+
+
+def template_warnings(template: ChatTemplate, tokenizer: Any) -> list[str]:
+    """Built-in markers this tokenizer does not know as single tokens (learned as plain text)."""
+    if not template.builtin:
+        return []
+    vocab = tokenizer.get_vocab()
+    missing = [m for m in BUILTIN_MARKERS.get(template.name, ()) if m not in vocab]
+    if not missing:
+        return []
+    return [
+        f"template {template.name!r}: {', '.join(missing)} not single tokens in this tokenizer; "
+        "they will be trained as plain text (is this the template the model was trained with?)"
+    ]

@@ -219,3 +219,28 @@ def test_llama2_alpaca_has_one_bos_and_unicode_survives():
         enc.input_ids[0] == tok.bos_token_id and int(np.sum(enc.input_ids == tok.bos_token_id)) == 1
     )
     assert trained_runs(tok, enc) == ["Katze 🐱</s>"]
+
+
+def test_qwen3_tool_calls_are_located_although_not_prefix_stable():
+    """Qwen3 renders earlier assistant turns without their reasoning: every turn, tool calls
+    included (empty content), is still found after its generation header."""
+    path = FIXTURES / "data" / "tool-calling" / "glaive_toolcall_en_demo.json"
+    template = TEMPLATES / "hf" / "Qwen-Qwen3@2025-revision.jinja"
+    if not (path.is_file() and template.is_file()):
+        pytest.skip("fixtures absent")
+    tok = load("qwen2.5-instruct")
+    tpl = resolve_template(str(template), tok)
+    examples, _ = read_examples(path)
+    for ex in examples[:8]:
+        enc = encode_example(ex, tok, tpl)
+        assert isinstance(enc, Encoded), enc
+        runs = trained_runs(tok, enc)
+        turns = [m for m in ex.messages if m.role == "assistant"]
+        assert len(runs) == len(turns)
+        for run, turn in zip(runs, turns, strict=True):
+            assert run.endswith("<|im_end|>") and "<|im_start|>" not in run
+            if turn.tool_calls:
+                name = turn.tool_calls[0]["function"]["name"]
+                assert run.startswith("<tool_call>\n") and f'"name": "{name}"' in run
+            else:
+                assert turn.content in run

@@ -168,3 +168,17 @@ def test_sandbox_helpers_match_hf(tok, tmp_path):
     path.write_text("{{ ''.__class__.__mro__ }}")
     with pytest.raises(TemplateRenderError, match="SecurityError|unsafe"):  # sandboxed
         resolve_template(str(path), tok).render(msgs)
+
+
+def test_warns_when_builtin_markers_are_not_tokens(tok):
+    from mlxsft.data.templates import template_warnings
+
+    assert template_warnings(resolve_template("chatml", tok), tok) == []
+
+    class NoMarkers:
+        def get_vocab(self):
+            return {"a": 0}
+
+    (warning,) = template_warnings(resolve_template("llama3", tok), NoMarkers())
+    assert "<|start_header_id|>, <|end_header_id|>, <|eot_id|> not single tokens" in warning
+    assert template_warnings(resolve_template("alpaca", tok), NoMarkers()) == []
