@@ -87,7 +87,12 @@ def _generation_config(src: Path, config: dict) -> dict:
 
 
 def read_metrics(adapter_dir: Path | None) -> dict[str, Any]:
-    """Final metrics in an adapter dir: metrics.json, or the last value of each key in a .jsonl."""
+    """Final metrics of a run: metrics.json, or the last `train` and `eval` rows of metrics.jsonl.
+
+    `mlxsft train` logs rows `{"type": "train", "step", "loss", ...}` and `{"type": "eval",
+    "step", "val_loss", "val_ppl", ...}`; train keys get a `train_` prefix, eval's step is
+    `eval_step`.
+    """
     if adapter_dir is None:
         return {}
     for name in METRICS_FILES:
@@ -97,16 +102,39 @@ def read_metrics(adapter_dir: Path | None) -> dict[str, Any]:
         if name.endswith(".json"):
             data = json.loads(path.read_text(encoding="utf-8"))
             return data if isinstance(data, dict) else {}
-        final: dict[str, Any] = {}
+        last: dict[str, dict] = {}
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict):
-                final.update({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
+                last[str(row.get("type", "train"))] = row
+        final: dict[str, Any] = {}
+        for kind in ("train", "eval"):
+            for k, v in last.get(kind, {}).items():
+                if k == "type" or not isinstance(v, (int, float, str)):
+                    continue
+                if kind == "train":
+                    key = k if k.startswith("train") else f"train_{k}"
+                else:
+                    key = "eval_step" if k == "step" else k
+                final[key] = round(v, 6) if isinstance(v, float) else v
         return final
     return {}
+
+
+def read_train_config(adapter_dir: Path | None) -> dict[str, Any]:
+    """The run's config.yaml (written by `mlxsft train` beside the adapter), or {}."""
+    if adapter_dir is None or not (adapter_dir / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load((adapter_dir / "config.yaml").read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _table(d: dict[str, Any]) -> list[str]:
@@ -124,6 +152,7 @@ def model_card(
     adapter_cfg: dict[str, Any] = {}
     if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
         adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    train_cfg = read_train_config(adapter_dir)
     kind = adapter_cfg.get("fine_tune_type", "lora")
     lines = [
         "---",
@@ -136,7 +165,7 @@ def model_card(
         "",
         f"- Base model: `{base_model}` ({config.get('model_type', '?')})",
     ]
-    data = adapter_cfg.get("data") or adapter_cfg.get("train_file") or adapter_cfg.get("dataset")
+    data = train_cfg.get("data") or adapter_cfg.get("data")
     if data:
         lines.append(f"- Data: `{data}`")
     if adapter_dir is not None:
@@ -144,7 +173,9 @@ def model_card(
     q = config.get("quantization")
     lines.append(f"- Weights: {q['bits']}-bit (MLX)" if q else "- Weights: unquantized")
     if adapter_cfg:
-        lines += ["", "## Training configuration", "", *_table(adapter_cfg)]
+        lines += ["", "## Adapter", "", *_table(adapter_cfg)]
+    if train_cfg:
+        lines += ["", "## Training configuration", "", *_table(train_cfg)]
     metrics = read_metrics(adapter_dir)
     if metrics:
         lines += ["", "## Final metrics", "", *_table(metrics)]

@@ -29,7 +29,13 @@ def fused_logits(out_dir) -> np.ndarray:
 @pytest.fixture(scope="module")
 def llama_adapter(tiny_llama, tmp_path_factory):
     out = write_random_adapter(tiny_llama, tmp_path_factory.mktemp("ad") / "lora")
-    (out / "metrics.json").write_text(json.dumps({"val_loss": 1.25, "train_loss": 1.5}))
+    rows = [
+        {"type": "train", "step": 9, "loss": 1.75, "lr": 1e-4},
+        {"type": "eval", "step": 10, "val_loss": 1.25, "val_ppl": 3.49},
+        {"type": "train", "step": 10, "loss": 1.5, "lr": 1e-4},
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "config.yaml").write_text("model: tiny\ndata: data/chat\niters: 10\n")
     return out
 
 
@@ -44,8 +50,10 @@ def test_fuse_lora_llama(tiny_llama, llama_adapter, tmp_path):
         assert (out / name).is_file(), name
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [2, 4]
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_llama}" in card and "| val_loss | 1.25 |" in card
-    assert "| fine_tune_type | lora |" in card
+    assert f"base_model: {tiny_llama}" in card and "- Data: `data/chat`" in card
+    assert "| val_loss | 1.25 |" in card and "| eval_step | 10 |" in card
+    assert "| train_loss | 1.5 |" in card and "| train_step | 10 |" in card
+    assert "| fine_tune_type | lora |" in card and "| iters | 10 |" in card
     ref = adapted_logits(tiny_llama, llama_adapter, IDS)
     assert np.abs(fused_logits(out) - ref).max() < 1e-4
     import mlx.core as mx
