@@ -160,10 +160,15 @@ class Generator:
     def load(
         cls, model: str, *, adapter: str | None = None, template: str | None = "auto"
     ) -> Generator:
-        """Load `model` (+ `adapter`); `template=None` for raw prompts (no chat template)."""
+        """Load `model` (+ `adapter`); `template=None` for raw prompts (no chat template).
+
+        With `template="auto"` and an adapter trained by mlxsft, its run's template is used.
+        """
         from mlxsft.data.templates import resolve_template
         from mlxsft.model.loading import load
 
+        if template == "auto" and adapter is not None:
+            template = trained_template(adapter) or "auto"
         loaded = load(model, adapter=_mlx_adapter_dir(adapter))
         chat_template = resolve_template(template, loaded.tokenizer) if template else None
         return cls(
@@ -277,6 +282,20 @@ class Generator:
             prompt_seconds=prompt_s,
             generation_seconds=gen_s,
         )
+
+
+def trained_template(adapter: str) -> str | None:
+    """The --template an adapter was trained with (its run's config.yaml), unless "auto"."""
+    from mlxsft.config import load_config
+
+    for d in (Path(adapter), Path(adapter).parent):
+        if (d / "config.yaml").is_file():
+            try:
+                name = load_config(d / "config.yaml").get("template")
+            except (ValueError, OSError):
+                return None
+            return name if isinstance(name, str) and name != "auto" else None
+    return None
 
 
 def _mlx_adapter_dir(adapter: str | None) -> str | None:

@@ -80,6 +80,8 @@ def generate(prompt, messages_file, raw, verbose, **kw) -> None:
     gen = Generator.load(
         kw["model"], adapter=kw["adapter"], template=None if raw else kw["template"]
     )
+    if verbose:
+        click.echo(f"[template: {gen.template.name if gen.template else 'none (raw)'}]", err=True)
     if raw:
         ids = gen.raw_ids(prompt)
     else:
@@ -126,6 +128,10 @@ def chat(max_context, stats, record, **kw) -> None:
     params = _params(kw)
     gen = Generator.load(kw["model"], adapter=kw["adapter"], template=kw["template"])
     session = ChatSession(gen, system=kw["system"], params=params, max_context=max_context)
+    if stats:
+        click.echo(
+            f"[template: {gen.template.name}; context window: {session.max_context}]", err=True
+        )
     if record is None:
         run_repl(session, show_stats=stats)
         return

@@ -239,3 +239,16 @@ def test_ctrl_c_ends_the_reply_early(llama_gen: Generator) -> None:
     assert out.finish_reason == "interrupted"
     assert 3 <= len(out.tokens) < len(full.tokens)
     assert out.tokens == full.tokens[: len(out.tokens)]
+
+
+def test_adapter_run_template_is_used(tiny_llama_base: Path, tmp_path: Path) -> None:
+    adapter = _random_adapter(tiny_llama_base, tmp_path / "run")
+    assert Generator.load(str(tiny_llama_base), adapter=str(adapter)).template.name == "alpaca"
+    (adapter / "config.yaml").write_text("template: chatml\n")
+    gen = Generator.load(str(tiny_llama_base), adapter=str(adapter))
+    assert gen.template.name == "chatml"
+    assert gen.decode(gen.prompt_ids([{"role": "user", "content": "Hi"}])) == (
+        "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    explicit = Generator.load(str(tiny_llama_base), adapter=str(adapter), template="alpaca")
+    assert explicit.template.name == "alpaca"
