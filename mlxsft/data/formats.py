@@ -80,7 +80,8 @@ def iter_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, Any
 
 
 def _iter_jsonl_rows(file: Path, text: str) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines would also split at U+2028 etc. inside JSON strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{file}:{lineno}"

@@ -208,3 +208,28 @@ def test_forced_format_reports_its_missing_keys():
         normalise({"prompt": "a"}, "chat", "f:1")
     with pytest.raises(DataError, match=r"missing key 'output' \(has: instruction\)"):
         normalise({"instruction": "a"}, "alpaca", "f:1")
+
+
+def test_line_separators_inside_strings_do_not_split_rows(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a\u2028b\x85c"}\r\n{"text": "d"}\n', encoding="utf-8")
+    examples, errors = read_examples(path)
+    assert not errors and [e.messages[0].content for e in examples] == ["a\u2028b\x85c", "d"]
+    assert examples[1].source == f"{path}:2"
+
+
+def test_hub_dataset_ids_go_through_datasets(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return [{"text": "hub row"}, {"text": 3}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples, errors = read_examples("someone/some-dataset", split="valid")
+    assert calls == [("someone/some-dataset", "valid")]
+    assert [e.source for e in examples] == ["someone/some-dataset[valid]:0"]
+    assert [e.where for e in errors] == ["someone/some-dataset[valid]:1"]
