@@ -178,6 +178,14 @@ def test_gguf_export_reads_back(arch, tiny_checkpoint, tmp_path):
     except ImportError:
         return
     reader = ggufpkg.GGUFReader(str(path))
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert list(fields) == list(meta)
+    for key, field in fields.items():
+        got, ours = field.contents(), meta[key]
+        if isinstance(ours, np.ndarray):
+            assert np.array_equal(np.asarray(got, dtype=ours.dtype), ours), key
+        else:
+            assert got == ours, key
     assert reader.fields["general.architecture"].contents() == a
     for t in reader.tensors:
         assert np.array_equal(
