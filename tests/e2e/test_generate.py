@@ -252,3 +252,23 @@ def test_adapter_run_template_is_used(tiny_llama_base: Path, tmp_path: Path) -> 
     )
     explicit = Generator.load(str(tiny_llama_base), adapter=str(adapter), template="alpaca")
     assert explicit.template.name == "alpaca"
+
+
+@pytest.mark.parametrize(
+    ("arch", "template", "end"),
+    [
+        ("tiny_gemma", "auto", "<end_of_turn>"),
+        ("tiny_phi3", "auto", "<|end|>"),
+        ("tiny_llama_base", "llama3", "<|eot_id|>"),
+        ("tiny_llama_base", "mistral", "</s>"),
+    ],
+)
+def test_end_of_turn_per_template(
+    arch: str, template: str, end: str, request: pytest.FixtureRequest
+) -> None:
+    from mlxsft.data.templates import resolve_template
+    from mlxsft.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(request.getfixturevalue(arch)))
+    gen = Generator(None, tokenizer, resolve_template(template, tokenizer))
+    assert gen.stop_ids == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end)}
