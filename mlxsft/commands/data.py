@@ -12,7 +12,9 @@ TEMPLATE_HELP = (
     "auto (the model's own chat template, else alpaca), alpaca, chatml, llama3, mistral, gemma, "
     "phi3, tokenizer, or a path to a .jinja file"
 )
-FORMATS = ("auto", "chat", "alpaca", "completion", "text")
+FORMATS = ("auto", "chat", "alpaca", "completion", "text")  # = data.formats.FORMATS (not imported:
+# this module imports only click)
+FORMAT_HELP = "Row format; auto: detected per file from the first row with known keys."
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 
 
@@ -35,7 +37,7 @@ def data() -> None:
 @click.argument("data_path", metavar="DATA")
 @click.option("--model", "-m", required=True, help="Model directory or hub id (tokenizer only).")
 @click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", help=FORMAT_HELP)
 @click.option(
     "--train-on",
     type=click.Choice(["responses", "last", "all"]),
@@ -130,7 +132,7 @@ def marked_text(tokenizer, input_ids, loss_mask, *, color: bool) -> str:
 
 @data.command()
 @click.argument("data_path", metavar="DATA")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", help=FORMAT_HELP)
 @click.option("--model", "-m", default=None, help="Also render every row with this tokenizer.")
 @click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP)
 @click.option("--train-on", type=click.Choice(["responses", "last", "all"]), default="responses")

@@ -233,3 +233,10 @@ def test_hub_dataset_ids_go_through_datasets(monkeypatch):
     assert calls == [("someone/some-dataset", "valid")]
     assert [e.source for e in examples] == ["someone/some-dataset[valid]:0"]
     assert [e.where for e in errors] == ["someone/some-dataset[valid]:1"]
+
+
+def test_cli_format_choices_match():
+    from mlxsft.commands.data import FORMATS as CLI_FORMATS
+    from mlxsft.data.formats import FORMATS
+
+    assert CLI_FORMATS == FORMATS
