@@ -1,0 +1,128 @@
+"""Linux CPU speed: the `mlx[cpu]` wheel bundles the netlib *reference* BLAS, ~10x slower at
+matmul than OpenBLAS. When Debian/Ubuntu's OpenBLAS is installed we load it into the global
+symbol scope *before* mlx is imported (`dlopen(RTLD_GLOBAL)`: its `sgemm_` then wins symbol
+lookup over the bundled one, exactly as with LD_PRELOAD), or, if mlx is already imported, re-exec
+the command with it in LD_PRELOAD. Results agree to float rounding. Without OpenBLAS we print,
+once, the one command that installs it. Opt out with MLXSFT_NO_BLAS_PRELOAD=1.
+
+Only standard library here: this runs before mlx is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+)
+INSTALL_HINT = "sudo apt-get install -y libopenblas0-pthread"
+OPT_OUT = "MLXSFT_NO_BLAS_PRELOAD"
+_REEXEC_MARK = "MLXSFT_BLAS_REEXEC"  # set in the child so we never loop
+_hinted = False
+
+
+@dataclass(frozen=True)
+class BlasStatus:
+    """What BLAS mlx will use in this process and what could be preloaded."""
+
+    reference_blas: Path | None  # the wheel's bundled netlib libblas, None if not found / not Linux
+    openblas: Path | None  # a system OpenBLAS we could preload
+    preloaded: bool  # OpenBLAS is already in LD_PRELOAD (or mapped into this process)
+
+    @property
+    def slow(self) -> bool:
+        """True when matmuls run on the reference BLAS."""
+        return self.reference_blas is not None and not self.preloaded
+
+
+def _bundled_reference_blas() -> Path | None:
+    """`mlx_cpu.libs/libblas-*.so*` next to the installed `mlx` package (no mlx import)."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    libs = sorted((site / "mlx_cpu.libs").glob("libblas-*.so*"))
+    return libs[0] if libs else None
+
+
+def _openblas_loaded() -> bool:
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        return True
+    try:
+        return "openblas" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def blas_status() -> BlasStatus:
+    """Detect the reference BLAS, an installed OpenBLAS and whether it is already preloaded."""
+    if platform.system() != "Linux":
+        return BlasStatus(None, None, False)
+    openblas = next((Path(p) for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
+    return BlasStatus(_bundled_reference_blas(), openblas, _openblas_loaded())
+
+
+def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default os.environ) with OpenBLAS prepended to LD_PRELOAD when it helps;
+    for launching subprocesses (benchmarks, tests) with the fast BLAS."""
+    env = dict(os.environ if env is None else env)
+    status = blas_status()
+    preload = env.get("LD_PRELOAD", "")
+    if status.reference_blas and status.openblas and str(status.openblas) not in preload:
+        env["LD_PRELOAD"] = ":".join(p for p in (str(status.openblas), env.get("LD_PRELOAD")) if p)
+    return env
+
+
+def _invoked_as_cli() -> bool:
+    """True for `mlxsft ...` / `python -m mlxsft ...`, never inside pytest or a library caller."""
+    arg0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return arg0.name == "mlxsft" or (arg0.name == "__main__.py" and arg0.parent.name == "mlxsft")
+
+
+def maybe_reexec_with_fast_blas(argv: list[str] | None = None) -> str:
+    """Make mlx's matmuls use OpenBLAS if they would otherwise run on the reference BLAS.
+
+    Call it first thing in a command, before anything imports mlx. Returns what it did:
+    "off" (Linux wheel not in use, or MLXSFT_NO_BLAS_PRELOAD=1), "already" (OpenBLAS loaded),
+    "loaded" (dlopen'ed before mlx import), "hint" (no OpenBLAS: install command printed once),
+    "too-late" (mlx already imported and not run as the `mlxsft` command). If mlx is already
+    imported it re-execs `argv` (default: this command line; argv[0] is the interpreter) with
+    LD_PRELOAD and does not return.
+    """
+    global _hinted
+    if os.environ.get(OPT_OUT) == "1":
+        return "off"
+    status = blas_status()
+    if status.reference_blas is None:
+        return "off"
+    if status.preloaded or os.environ.get(_REEXEC_MARK) == "1":
+        return "already"
+    if status.openblas is None:
+        if not _hinted:
+            _hinted = True
+            print(
+                "mlxsft: mlx's Linux CPU wheel uses a slow reference BLAS; training is ~10x "
+                f"faster with OpenBLAS: `{INSTALL_HINT}` (mlxsft then preloads it itself)",
+                file=sys.stderr,
+            )
+        return "hint"
+    if "mlx.core" not in sys.modules:
+        ctypes.CDLL(str(status.openblas), mode=ctypes.RTLD_GLOBAL)
+        return "loaded"
+    if argv is None:
+        if not _invoked_as_cli():
+            return "too-late"
+        argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    env = preload_env()
+    env[_REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+    return "reexec"  # not reached (execve replaces the process), except under a test's stub
