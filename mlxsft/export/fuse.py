@@ -216,7 +216,6 @@ def export_gguf(
     echo: Any = print,
 ) -> Path:
     """`mlxsft export --format gguf`: (fuse in float and) write a GGUF file plus a Modelfile."""
-    import mlx.core as mx
     from mlx.utils import tree_flatten
 
     from mlxsft import _mlxlm
@@ -233,7 +232,7 @@ def export_gguf(
     lora.fuse_adapters(net, dequantize=True)
     if _mlxlm.is_quantized(net):
         _mlxlm.dequantize(net)
-    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(net.parameters())}
+    weights = dict(tree_flatten(net.parameters()))  # converted one tensor at a time
     output.parent.mkdir(parents=True, exist_ok=True)
     name = Path(str(model)).name
     write_model_gguf(output, weights, loaded.config, loaded.path, dtype=dtype, name=name)

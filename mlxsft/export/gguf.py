@@ -11,6 +11,7 @@ What goes *into* the file for a model (names, metadata, vocab) lives in `gguf_mo
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -157,31 +158,54 @@ def _pad(n: int, align: int) -> int:
     return (align - n % align) % align
 
 
+class Lazy:
+    """A tensor produced on demand (`fn()` -> float array of `shape`), so writing a big model
+    holds one converted tensor at a time instead of a float32 copy of all of them."""
+
+    def __init__(self, shape: tuple[int, ...], fn: Callable[[], np.ndarray]):
+        self.shape, self.fn = tuple(shape), fn
+
+    def __call__(self) -> np.ndarray:
+        return self.fn()
+
+
+def tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
+    """Bytes of a tensor of `shape` stored as `ggml_type`."""
+    n = int(np.prod(shape))
+    if ggml_type == GGML_Q8_0:
+        return n // QK8_0 * Q8_0_BLOCK_BYTES
+    return n * {GGML_F32: 4, GGML_F16: 2}[ggml_type]
+
+
 def write_gguf(
-    path: str | Path, metadata: dict[str, Any], tensors: list[tuple[str, np.ndarray, int]]
+    path: str | Path,
+    metadata: dict[str, Any],
+    tensors: list[tuple[str, np.ndarray | Lazy, int]],
 ) -> Path:
-    """Write a GGUF v3 file: `tensors` are (name, float array in NumPy order, ggml type)."""
+    """Write a GGUF v3 file: `tensors` are (name, float array in NumPy order or Lazy, ggml type)."""
     path = Path(path)
     align = int(metadata.get("general.alignment", ALIGNMENT))
-    encoded = [(name, x.shape, t, encode_tensor(x, t)) for name, x, t in tensors]
     with open(path, "wb") as f:
         f.write(MAGIC)
-        f.write(struct.pack("<IQQ", VERSION, len(encoded), len(metadata)))
+        f.write(struct.pack("<IQQ", VERSION, len(tensors), len(metadata)))
         for key, value in metadata.items():
             vtype, v = _value_type(value)
             _w_str(f, key)
             f.write(struct.pack("<I", vtype))
             _w_value(f, vtype, v)
         offset = 0
-        for name, shape, t, data in encoded:
+        for name, x, t in tensors:
             _w_str(f, name)
-            f.write(struct.pack("<I", len(shape)))
-            for dim in reversed(shape):  # ggml: innermost first
+            f.write(struct.pack("<I", len(x.shape)))
+            for dim in reversed(x.shape):  # ggml: innermost first
                 f.write(struct.pack("<Q", dim))
             f.write(struct.pack("<IQ", t, offset))
-            offset += data.nbytes + _pad(data.nbytes, align)
+            n = tensor_nbytes(tuple(x.shape), t)
+            offset += n + _pad(n, align)
         f.write(b"\0" * _pad(f.tell(), align))
-        for _, _, _, data in encoded:
+        for name, x, t in tensors:
+            data = encode_tensor(x() if isinstance(x, Lazy) else x, t)
+            assert data.nbytes == tensor_nbytes(tuple(x.shape), t), name
             f.write(data.tobytes())
             f.write(b"\0" * _pad(data.nbytes, align))
     return path

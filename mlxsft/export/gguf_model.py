@@ -135,48 +135,64 @@ def model_metadata(config: dict, name: str, dtype: str) -> dict[str, Any]:
     return meta
 
 
-def _tensor_type(name: str, x: np.ndarray, dtype: str) -> int:
-    if x.ndim == 1 or dtype == "f32":
+def _tensor_type(shape: tuple[int, ...], dtype: str) -> int:
+    if len(shape) == 1 or dtype == "f32":
         return gguf.GGML_F32
-    if dtype == "q8_0" and x.shape[-1] % gguf.QK8_0 != 0:
+    if dtype == "q8_0" and shape[-1] % gguf.QK8_0 != 0:
         return gguf.GGML_F16  # llama.cpp falls back the same way for odd rows
     return DTYPES[dtype]
 
 
+def _as_float32(w: Any) -> np.ndarray:
+    """NumPy float32 copy of a NumPy or MLX array (bfloat16 included)."""
+    if isinstance(w, np.ndarray):
+        return w.astype(np.float32, copy=False)
+    import mlx.core as mx
+
+    return np.array(w.astype(mx.float32))
+
+
 def model_tensors(
-    weights: dict[str, np.ndarray], config: dict, dtype: str
-) -> list[tuple[str, np.ndarray, int]]:
-    """(gguf name, float32 array, ggml type) for HF-named float weights, in file order."""
+    weights: dict[str, Any], config: dict, dtype: str
+) -> list[tuple[str, gguf.Lazy, int]]:
+    """(gguf name, Lazy float32 array, ggml type) for HF-named float weights (NumPy or MLX)."""
     arch = ARCHS[config["model_type"]]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
-    out = []
+    out: list[tuple[str, gguf.Lazy, int]] = []
     factors = llama3_rope_factors(config)
     if factors is not None:
-        out.append(("rope_freqs.weight", factors, gguf.GGML_F32))
+        out.append(("rope_freqs.weight", gguf.Lazy(factors.shape, lambda: factors), gguf.GGML_F32))
     for hf_name, w in weights.items():
         name = gguf_name(hf_name)
         if name is None:
             continue
-        x = np.asarray(w, dtype=np.float32)
+        heads = None
         if arch in PERMUTE_QK and ".attn_q." in name:
-            x = permute_qk(x, n_head)
+            heads = n_head
         elif arch in PERMUTE_QK and ".attn_k." in name:
-            x = permute_qk(x, n_kv)
-        out.append((name, x, _tensor_type(name, x, dtype)))
+            heads = n_kv
+
+        def produce(w=w, heads=heads) -> np.ndarray:
+            x = _as_float32(w)
+            return permute_qk(x, heads) if heads else x
+
+        shape = tuple(w.shape)
+        out.append((name, gguf.Lazy(shape, produce), _tensor_type(shape, dtype)))
     return out
 
 
 def write_model_gguf(
     path: str | Path,
-    weights: dict[str, np.ndarray],
+    weights: dict[str, Any],
     config: dict,
     tokenizer_dir: Path,
     *,
     dtype: str = "f16",
     name: str | None = None,
 ) -> Path:
-    """Write a GGUF file for float HF-named `weights` + `config`, tokenizer from `tokenizer_dir`."""
+    """Write a GGUF file for float HF-named `weights` (NumPy or MLX) + `config`; the tokenizer
+    comes from `tokenizer_dir`."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown GGUF dtype {dtype!r}", hint=f"one of {sorted(DTYPES)}")
     meta = model_metadata(config, name or Path(tokenizer_dir).name, dtype)
