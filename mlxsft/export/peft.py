@@ -101,7 +101,7 @@ def convert_mlx_to_peft(
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model or cfg.get("model"),
         "r": rank,
-        "lora_alpha": scale * rank,
+        "lora_alpha": float(params.get("alpha", scale * rank)),
         "lora_dropout": float(params.get("dropout", 0.0)),
         "target_modules": sorted(modules),
         "layers_to_transform": sorted(layers) or None,
