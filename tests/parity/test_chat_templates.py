@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -44,12 +45,20 @@ def index() -> list[dict]:
 ENTRIES = index()
 
 
-def load(name: str):
+def load(name: str, *, fresh: bool = False):
+    """A fixture tokenizer; shared (do not modify it) unless `fresh`."""
     if not (TOKENIZERS / name).is_dir():
         pytest.skip(f"tokenizer fixture {name} absent")
+    return _load(name) if fresh else _shared(name)
+
+
+def _load(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(TOKENIZERS / name))
+
+
+_shared = functools.lru_cache(maxsize=None)(_load)
 
 
 MARKER = re.compile(r"<\|[^|\s'\"]{1,40}\|>|<｜[^｜\s]{1,40}｜>|</?[a-z_]{2,30}(?::[a-z_]+)?>")
@@ -66,7 +75,7 @@ def markers() -> list[str]:
 
 @pytest.fixture(scope="module")
 def qwen(markers):
-    tok = load("qwen2.5-instruct")
+    tok = load("qwen2.5-instruct", fresh=True)
     tok.add_special_tokens({"additional_special_tokens": markers})
     return tok
 
