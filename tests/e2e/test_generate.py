@@ -272,3 +272,30 @@ def test_end_of_turn_per_template(
     tokenizer = load_tokenizer(str(request.getfixturevalue(arch)))
     gen = Generator(None, tokenizer, resolve_template(template, tokenizer))
     assert gen.stop_ids == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end)}
+
+
+@pytest.mark.parametrize(
+    ("name", "stops", "prompt_end"),
+    [
+        ("mistral-7b-instruct-v0.3", {"</s>"}, "Hi[/INST]"),
+        ("phi-3-mini-128k-instruct", {"<|endoftext|>", "<|end|>"}, "<|end|><|assistant|>"),
+    ],
+)
+def test_real_tokenizers_stop_at_their_end_of_turn(
+    shared_fixtures: Path, name: str, stops: set[str], prompt_end: str
+) -> None:
+    """(qwen2.5's fixture has no tokenizer.json; converting it takes ~8 s, so it is left out.)"""
+    from mlxsft.data.templates import resolve_template
+    from mlxsft.model.loading import load_tokenizer
+
+    path = shared_fixtures / "tokenizers" / name
+    if not path.is_dir():
+        pytest.skip(f"{name} fixture absent")
+    tokenizer = load_tokenizer(str(path))
+    gen = Generator(None, tokenizer, resolve_template("auto", tokenizer))
+    assert {tokenizer.convert_ids_to_tokens(i) for i in gen.stop_ids} == stops
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}]
+    ids = gen.prompt_ids(messages)
+    assert tokenizer.decode(ids).endswith(prompt_end)
+    hf = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert ids == list(hf["input_ids"] if hasattr(hf, "keys") else hf)
