@@ -66,6 +66,14 @@ def _read_config(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _run_model(adapter_dir: Path) -> str | None:
+    """The base model named in the run's config.yaml beside the adapter (`mlxsft train`)."""
+    from mlxsft.export.hf import read_train_config
+
+    model = read_train_config(adapter_dir).get("model")
+    return str(model) if model else None
+
+
 def convert_mlx_to_peft(
     adapter_dir: str | Path, *, base_model: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -99,7 +107,7 @@ def convert_mlx_to_peft(
     peft_cfg: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or cfg.get("model"),
+        "base_model_name_or_path": base_model or cfg.get("model") or _run_model(d),
         "r": rank,
         "lora_alpha": float(params.get("alpha", scale * rank)),
         "lora_dropout": float(params.get("dropout", 0.0)),

@@ -44,6 +44,14 @@ def test_peft_names_shapes_and_config(lora_dir, tiny_llama, tmp_path):
     assert cfg["layers_to_transform"] == [0, 1]
     assert cfg["base_model_name_or_path"] == "org/tiny"
     assert cfg["use_dora"] is False
+    (lora_dir / "config.yaml").write_text("model: org/from-run\n")
+    try:
+        no_model = json.loads(
+            (export_peft(lora_dir, tmp_path / "p2") / "adapter_config.json").read_text()
+        )
+    finally:
+        (lora_dir / "config.yaml").unlink()
+    assert no_model["base_model_name_or_path"] == "org/from-run"
     w = load_file(out / "adapter_model.safetensors")
     assert len(w) == 2 * 3 * 2  # layers x modules x (A, B)
     pre = "base_model.model.model.layers.0."
