@@ -213,6 +213,12 @@ def test_adapter_greedy_equals_mlx_lm(tiny_llama: Path, tmp_path: Path) -> None:
     assert out.tokens == tokens
     base = Generator.load(str(tiny_llama)).generate(ids, SamplingParams(max_tokens=16))
     assert out.tokens != base.tokens
+    # The same adapter in PEFT format (export.peft) gives the same greedy reply.
+    from mlxsft.export.peft import export_peft
+
+    peft_dir = export_peft(adapter, tmp_path / "peft", base_model=str(tiny_llama))
+    peft_gen = Generator.load(str(tiny_llama), adapter=str(peft_dir))
+    assert peft_gen.generate(ids, SamplingParams(max_tokens=16)).tokens == out.tokens
 
 
 def _mlx_lm_greedy_adapter(path: Path, adapter: Path, ids: list[int], n: int):
