@@ -52,9 +52,9 @@ class Fidelity:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "max_abs_logit_diff": round(self.max_abs_diff, 6),
-            "mean_kl_adapter_fused": round(self.kl_adapter_fused, 8),
-            "mean_kl_adapter_base": round(self.kl_adapter_base, 8),
+            "max_abs_logit_diff": float(f"{self.max_abs_diff:.3g}"),
+            "mean_kl_adapter_fused": float(f"{self.kl_adapter_fused:.3g}"),
+            "mean_kl_adapter_base": float(f"{self.kl_adapter_base:.3g}"),
             "adapter_effect_retained": round(self.retained, 4),
             "tokens": self.n_tokens,
         }

@@ -140,6 +140,8 @@ def read_train_config(adapter_dir: Path | None) -> dict[str, Any]:
 def _table(d: dict[str, Any]) -> list[str]:
     rows = ["| key | value |", "|---|---|"]
     for k, v in d.items():
+        if v is None:
+            continue
         text = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
         rows.append(f"| {k} | {text.replace('|', '/')} |")
     return rows
