@@ -147,6 +147,9 @@ class ChatSession:
         n_cached = min(min(_mlxlm.cache_lengths(self.cache)), len(fed))
         _mlxlm.trim_cache_to(self.cache, n_cached)
         self.context = fed[:n_cached]
+        if result.finish_reason == "interrupted" and not result.tokens:
+            self.turns.pop()  # stopped before any reply: forget the message too
+            return result
         # The exact decoded ids (the streamed text may drop a leading space, as mlx-lm's does).
         self.turns.append({"role": "assistant", "content": self.gen.decode(result.tokens)})
         return result

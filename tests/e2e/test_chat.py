@@ -161,3 +161,24 @@ def test_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(gen: Generator) -
     assert s.context == s.prompts[0] + first.tokens
     second = s.send("Go on.")
     assert second.tokens == gen.generate(s.prompts[1], PARAMS).tokens
+
+
+def test_ctrl_c_before_any_reply_forgets_the_message(
+    gen: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlxsft import _mlxlm
+
+    s = ChatSession(gen, params=PARAMS)
+    s.send("Hello there.")
+    real_step = _mlxlm.generate_step
+
+    def interrupted_step(*args, **kw):
+        raise KeyboardInterrupt
+        yield  # a generator, like mlx-lm's
+
+    monkeypatch.setattr(_mlxlm, "generate_step", interrupted_step)
+    out = s.send("Never mind.")
+    assert (out.finish_reason, out.tokens) == ("interrupted", [])
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+    monkeypatch.setattr(_mlxlm, "generate_step", real_step)
+    assert s.send("Go on.").tokens == gen.generate(s.prompts[-1], PARAMS).tokens
