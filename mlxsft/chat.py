@@ -145,8 +145,10 @@ class ChatSession:
         # Every yielded token was fed (mlx-lm steps one ahead); Ctrl-C may leave layers uneven.
         fed = ids + result.tokens + ([result.stop_token] if result.stop_token is not None else [])
         n_cached = min(min(_mlxlm.cache_lengths(self.cache)), len(fed))
-        _mlxlm.trim_cache_to(self.cache, n_cached)
-        self.context = fed[:n_cached]
+        if _mlxlm.trim_cache_to(self.cache, n_cached):
+            self.context = fed[:n_cached]
+        else:  # an uneven cache that cannot be trimmed: start afresh next turn
+            self.cache, self.context = None, []
         if result.finish_reason == "interrupted" and not result.tokens:
             self.turns.pop()  # stopped before any reply: forget the message too
             return result
