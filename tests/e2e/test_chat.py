@@ -182,3 +182,14 @@ def test_ctrl_c_before_any_reply_forgets_the_message(
     assert [m["role"] for m in s.messages] == ["user", "assistant"]
     monkeypatch.setattr(_mlxlm, "generate_step", real_step)
     assert s.send("Go on.").tokens == gen.generate(s.prompts[-1], PARAMS).tokens
+
+
+@pytest.mark.parametrize("arch", ["tiny_gemma", "tiny_phi3", "tiny_llama_q4"])
+def test_cache_reuse_other_architectures(arch: str, request: pytest.FixtureRequest) -> None:
+    g = Generator.load(str(request.getfixturevalue(arch)))
+    s = ChatSession(g, params=PARAMS)
+    replies = [s.send(text) for text in ("Hello there.", "What is 2 + 3?")]
+    assert len(s.fed[1]) < len(s.prompts[1]) - len(s.prompts[0]) + 1
+    for k, prefix in enumerate(_user_prefixes(s.messages)):
+        assert s.prompts[k] == g.prompt_ids(prefix)
+        assert replies[k].tokens == g.generate(s.prompts[k], PARAMS).tokens
