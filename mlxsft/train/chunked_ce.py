@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 from mlxsft import _mlxlm
 
 DEFAULT_CHUNK: int | None = None  # None: `default_chunk_size(vocab)`
-CHUNK_ELEMENTS = 1 << 24  # default chunk: rows x vocab ~ 16M floats (64 MB per (C, V) buffer)
+CHUNK_ELEMENTS = 1 << 22  # default chunk: rows x vocab ~ 4M floats (16 MB per (C, V) buffer)
 N_BUCKETS = 8  # K is rounded up to a multiple of n_positions / N_BUCKETS
 
 _warned: set[str] = set()
@@ -47,7 +47,7 @@ def default_chunk_size(vocab_size: int) -> int:
     """Rows per LM-head chunk: a power of two with rows x vocab <= CHUNK_ELEMENTS, at least 64.
 
     Each chunk holds ~4 (C, V) float32 buffers at once in the backward pass (logits, softmax,
-    scaled gradient, its cast), so this bounds the loss's working set to ~256 MB at any vocab.
+    scaled gradient, its cast), so this bounds the loss's working set to ~64 MB at vocabs up to 64k.
     """
     rows = max(1, CHUNK_ELEMENTS // max(1, vocab_size))
     return max(64, 1 << (rows.bit_length() - 1))

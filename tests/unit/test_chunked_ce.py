@@ -103,8 +103,8 @@ def test_compiled_equals_eager_and_retraces_per_bucket(tiny_llama):
 def test_select_bucket_and_chunk_size():
     assert [select_bucket(n, 48) for n in (0, 1, 6, 7, 18, 47, 48)] == [6, 6, 6, 12, 18, 48, 48]
     assert select_bucket(1000, 4096) == 1024
-    assert default_chunk_size(32768) == 512
-    assert default_chunk_size(151936) == 64  # 110 rows -> 64
+    assert default_chunk_size(32768) == 128
+    assert default_chunk_size(151936) == 64  # 27 rows -> at least 64
     assert default_chunk_size(1 << 30) == 64
 
 
