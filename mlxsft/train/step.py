@@ -42,7 +42,8 @@ class TrainStep:
 
     Enable grad checkpointing and restore checkpoints before the first call (tracing bakes in
     the layer code; state containers are re-read every call). `last_grad_norm` is the global
-    gradient norm before clipping. A NaN/inf loss is returned as is (the update already ran):
+    gradient norm before clipping; `n_compilations` counts traces (0 with compile=False).
+    A NaN/inf loss is returned as is (the update already ran):
     the caller stops the run.
     """
 
@@ -176,7 +177,9 @@ def make_eval_step(
 
 def enable_grad_checkpoint(model: nn.Module) -> nn.Module:
     """Recompute each transformer block in the backward pass (`mx.checkpoint`), for THIS model
-    only: every block instance gets a per-instance subclass; other instances are untouched."""
+    only: each block instance's `__class__` becomes a checkpointing subclass of its class (one
+    cached subclass per class); the class itself and every other instance are untouched.
+    Call before the first train step (tracing bakes in the layer code)."""
     for layer in model.layers:
         base = type(layer)
         if getattr(base, "_mlxsft_checkpointed", False):
