@@ -268,3 +268,16 @@ def test_fuse_refuses_to_overwrite_the_base(tiny_llama, llama_adapter):
     result = CliRunner().invoke(main, [*args, "--output", str(tiny_llama)])
     assert result.exit_code == 2 and "would overwrite the base model" in result.output
     assert (tiny_llama / "model.safetensors").is_file()
+
+
+def test_fuse_accepts_a_peft_adapter(tiny_llama, llama_adapter, tmp_path):
+    peft_dir = tmp_path / "peft"
+    run("export", "--adapter", str(llama_adapter), "--format", "peft", "--output", str(peft_dir))
+    out = tmp_path / "fused"
+    run("fuse", "--model", str(tiny_llama), "--adapter", str(peft_dir), "--output", str(out))
+    ref = adapted_logits(tiny_llama, llama_adapter, IDS)
+    assert np.abs(fused_logits(out) - ref).max() < 1e-4
+    assert sorted(p.name for p in peft_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
