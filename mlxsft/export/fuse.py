@@ -31,18 +31,19 @@ class Fidelity:
 
     max_abs_diff: float
     kl_adapter_fused: float
-    kl_adapter_base: float
+    kl_adapter_base: float | None  # None for a full fine-tune (no base inside the model)
     n_tokens: int
 
     @property
     def retained(self) -> float:
-        if self.kl_adapter_base <= 1e-9:
+        if self.kl_adapter_base is None or self.kl_adapter_base <= 1e-9:
             return 1.0
         return 1.0 - self.kl_adapter_fused / self.kl_adapter_base
 
     @property
     def warning(self) -> str | None:
-        if self.kl_adapter_base > 1e-6 and self.retained < RETAINED_WARN:
+        base = self.kl_adapter_base
+        if base is not None and base > 1e-6 and self.retained < RETAINED_WARN:
             return (
                 f"quantisation erased most of the adapter's effect: only {self.retained:.0%} "
                 "retained (KL(adapter||fused) vs KL(adapter||base)); fuse with --dequantize, "
@@ -51,21 +52,27 @@ class Fidelity:
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_abs_logit_diff": float(f"{self.max_abs_diff:.3g}"),
             "mean_kl_adapter_fused": float(f"{self.kl_adapter_fused:.3g}"),
-            "mean_kl_adapter_base": float(f"{self.kl_adapter_base:.3g}"),
-            "adapter_effect_retained": round(self.retained, 4),
             "tokens": self.n_tokens,
         }
+        if self.kl_adapter_base is not None:
+            out["mean_kl_adapter_base"] = float(f"{self.kl_adapter_base:.3g}")
+            out["adapter_effect_retained"] = round(self.retained, 4)
+        return out
 
     def lines(self) -> list[str]:
-        return [
+        lines = [
             f"fidelity on {self.n_tokens} tokens: max |logit diff| {self.max_abs_diff:.2e}, "
-            f"mean KL(base+adapter || fused) {self.kl_adapter_fused:.2e}",
-            f"adapter effect KL(base+adapter || base) {self.kl_adapter_base:.2e}, "
-            f"retained after fusing {self.retained:.1%}",
+            f"mean KL(base+adapter || fused) {self.kl_adapter_fused:.2e}"
         ]
+        if self.kl_adapter_base is not None:
+            lines.append(
+                f"adapter effect KL(base+adapter || base) {self.kl_adapter_base:.2e}, "
+                f"retained after fusing {self.retained:.1%}"
+            )
+        return lines
 
 
 def prompt_ids(tokenizer: Any, prompts: tuple[str, ...] = FIDELITY_PROMPTS) -> list[list[int]]:
@@ -102,22 +109,26 @@ def mean_kl(p_logits: list[np.ndarray], q_logits: list[np.ndarray]) -> float:
 
 
 def fidelity(
-    adapted: list[np.ndarray], fused: list[np.ndarray], base: list[np.ndarray]
+    adapted: list[np.ndarray], fused: list[np.ndarray], base: list[np.ndarray] | None
 ) -> Fidelity:
+    """Compare fused with adapted logits; `base` None when the model has no adapter layers."""
     diff = max(float(np.abs(a - f).max()) for a, f in zip(adapted, fused, strict=True))
     return Fidelity(
         max_abs_diff=diff,
         kl_adapter_fused=mean_kl(adapted, fused),
-        kl_adapter_base=mean_kl(adapted, base),
+        kl_adapter_base=None if base is None else mean_kl(adapted, base),
         n_tokens=sum(a.shape[0] for a in adapted),
     )
 
 
-def base_logits(model: Any, prompts: list[list[int]]) -> list[np.ndarray]:
-    """Logits with every adapter layer temporarily swapped back for the layer it wraps."""
+def base_logits(model: Any, prompts: list[list[int]]) -> list[np.ndarray] | None:
+    """Logits with every adapter layer temporarily swapped back for the layer it wraps; None
+    when there are none (a full fine-tune)."""
     from mlx.utils import tree_unflatten
 
     wrapped = [(k, m) for k, m in model.named_modules() if hasattr(m, "fuse")]
+    if not wrapped:
+        return None
     inner = [(k, getattr(m, "linear", None) or getattr(m, "embedding", None)) for k, m in wrapped]
     model.update_modules(tree_unflatten(inner))
     try:
@@ -183,7 +194,10 @@ def fuse_model(
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     report = fidelity(adapted, logits_of(net, prompts), base)
-    echo(f"fused {adapter} into {model}")
+    if base is None:
+        echo(f"{adapter} is a full fine-tune: nothing to merge, writing its weights")
+    else:
+        echo(f"fused {adapter} into {model}")
     for line in report.lines():
         echo(line)
     if quantize is not None:

@@ -281,3 +281,11 @@ def test_fuse_accepts_a_peft_adapter(tiny_llama, llama_adapter, tmp_path):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_fuse_full_fine_tune_writes_its_weights(tiny_llama, tmp_path):
+    full = write_random_adapter(tiny_llama, tmp_path / "full", fine_tune_type="full")
+    out = tmp_path / "fused"
+    text = run("fuse", "--model", str(tiny_llama), "--adapter", str(full), "--output", str(out))
+    assert "is a full fine-tune: nothing to merge" in text and "adapter effect" not in text
+    assert np.abs(fused_logits(out) - adapted_logits(tiny_llama, full, IDS)).max() < 1e-4
