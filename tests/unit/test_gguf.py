@@ -231,3 +231,37 @@ def test_qwen2_vocab_from_vocab_json(shared_fixtures):
     assert tokens[151665] == "[PAD151665]" and types[151665] == UNUSED
     assert meta["tokenizer.ggml.eos_token_id"] == 151645
     assert "<|im_start|>" in meta["tokenizer.chat_template"]
+
+
+def test_llama3_rope_freqs_and_unsupported_scaling():
+    from mlxsft.export.gguf_model import llama3_rope_factors, model_metadata
+
+    config = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_attention_heads": 32,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+    f = llama3_rope_factors(config)
+    assert f.shape == (64,) and f.dtype == np.float32
+    assert f[0] == 1.0 and f[-1] == 8.0 and np.all(np.diff(f) >= 0)
+    # wavelength 2*pi*500000^(i/64): below 8192/4 -> 1, above 8192 -> 8, smooth in between
+    wavelen = 2 * np.pi * 500000.0 ** (np.arange(0, 128, 2) / 128)
+    assert np.array_equal(f[wavelen < 2048], np.ones((wavelen < 2048).sum()))
+    assert np.array_equal(f[wavelen > 8192], np.full((wavelen > 8192).sum(), 8.0))
+    mid = (wavelen >= 2048) & (wavelen <= 8192)
+    assert mid.any() and np.all((f[mid] > 1.0) & (f[mid] < 8.0))
+    assert llama3_rope_factors({**config, "rope_scaling": None}) is None
+    with pytest.raises(ValueError, match="yarn"):
+        llama3_rope_factors({**config, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    linear = {**config, "rope_scaling": {"type": "linear", "factor": 2.0}, "num_hidden_layers": 1}
+    meta = model_metadata({**linear, "intermediate_size": 8}, "m", "f16")
+    assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 2.0
+    assert meta["general.file_type"] == 1
