@@ -30,15 +30,27 @@ class World:
 
     @property
     def all_reduce(self) -> Callable[[Any], Any] | None:
-        """Sum over ranks (a tree of arrays), or None for a single process."""
+        """Sum over ranks, or None for a single process. Takes an array or a tree of arrays;
+        a tree goes through ONE collective (flattened and concatenated), because several
+        collectives in one compiled graph may run in different orders on different ranks."""
         if self.size == 1:
             return None
         group = self.group
 
         def all_sum(tree: Any) -> Any:
-            from mlx.utils import tree_map
+            if isinstance(tree, mx.array):
+                return mx.distributed.all_sum(tree, group=group)
+            from mlx.utils import tree_flatten, tree_unflatten
 
-            return tree_map(lambda x: mx.distributed.all_sum(x, group=group), tree)
+            leaves = tree_flatten(tree)
+            dtype = mx.float32
+            flat = mx.concatenate([v.astype(dtype).reshape(-1) for _, v in leaves])
+            flat = mx.distributed.all_sum(flat, group=group)
+            out, start = [], 0
+            for key, v in leaves:
+                out.append((key, flat[start : start + v.size].reshape(v.shape).astype(v.dtype)))
+                start += v.size
+            return tree_unflatten(out)
 
         return all_sum
 

@@ -338,8 +338,16 @@ def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
     )
     if resume_from is not None:
         progress.log(f"resuming from {resume_from} at step {state.step}")
+    # With several ranks the step runs uncompiled: the step reduces gradients leaf by leaf,
+    # and in a compiled graph those collectives can run in a different order on each rank
+    # (seen with the ring backend), which mixes up gradients. Lazy graphs evaluate in the same
+    # order everywhere.
     step_fn = make_train_step(
-        model, optimizer, max_grad_norm=cfg.max_grad_norm, all_reduce=world.all_reduce
+        model,
+        optimizer,
+        max_grad_norm=cfg.max_grad_norm,
+        all_reduce=world.all_reduce,
+        compile=world.size == 1,
     )
     eval_fn = make_eval_step(model)
     last_loss: float | None = None
