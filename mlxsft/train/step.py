@@ -19,12 +19,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxsft.data.batching import Batch
 from mlxsft.train.loss import FULL_HEAD, LossHead, ce_sum
 
 AllReduce = Callable[[mx.array], mx.array]
+REDUCE_GROUP = 1 << 23  # elements per all-reduce call (32 MB of float32): few, large messages
 
 
 def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array | None]:
@@ -100,7 +102,7 @@ class TrainStep:
     def _update_fn(self, grads):
         self._traced()
         if self.all_reduce is not None:
-            grads = tree_map(self.all_reduce, grads)
+            grads = _reduce_grouped(self.all_reduce, grads)
         if self.max_grad_norm is not None and self.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, self.max_grad_norm)
         else:
@@ -131,6 +133,32 @@ class TrainStep:
         mx.eval(self._state, loss_sum, norm)
         self.last_grad_norm = float(norm.item())
         return float(loss_sum.item()) / n, n
+
+
+def _reduce_grouped(all_reduce: AllReduce, tree: Any) -> Any:
+    """`all_reduce` every leaf, concatenating same-dtype leaves into messages of at most
+    REDUCE_GROUP elements (one collective per group instead of one per LoRA matrix)."""
+    leaves, out = tree_flatten(tree), []
+    group: list[tuple[str, mx.array]] = []
+
+    def flush() -> None:
+        if not group:
+            return
+        flat = all_reduce(mx.concatenate([g.reshape(-1) for _, g in group]))
+        bounds = np.cumsum([g.size for _, g in group])[:-1].tolist()
+        for (name, g), part in zip(group, mx.split(flat, bounds), strict=True):
+            out.append((name, part.reshape(g.shape)))
+        group.clear()
+
+    size = 0
+    for name, g in leaves:
+        if group and (g.dtype != group[0][1].dtype or size + g.size > REDUCE_GROUP):
+            flush()
+            size = 0
+        group.append((name, g))
+        size += g.size
+    flush()
+    return tree_unflatten(out)
 
 
 def make_train_step(

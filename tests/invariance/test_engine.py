@@ -269,3 +269,27 @@ def test_selective_head_step_equals_full(request, fixture):
     assert c1 == 4 and 4 <= c2 <= 1 + 2 * 8  # bounded by the head's buckets
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=2e-5, err_msg=k)  # Adam: lr 1e-2
+
+
+def test_grouped_all_reduce(monkeypatch):
+    from mlxsft.train import step as step_mod
+
+    monkeypatch.setattr(step_mod, "REDUCE_GROUP", 10)
+    tree = {
+        "a": mx.arange(6, dtype=mx.float32).reshape(2, 3),
+        "b": [mx.ones((4,)), mx.full((3,), 2.0, dtype=mx.bfloat16)],
+        "c": mx.arange(5, dtype=mx.float32),
+    }
+    calls = []
+
+    def reduce(x):
+        calls.append((x.size, x.dtype))
+        return x * 3
+
+    out = step_mod._reduce_grouped(reduce, tree)
+    assert calls == [(10, mx.float32), (3, mx.bfloat16), (5, mx.float32)]
+    for (k, got), (_, want) in zip(tree_flatten(out), tree_flatten(tree), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, k
+        np.testing.assert_array_equal(
+            np.array(got.astype(mx.float32)), 3 * np.array(want.astype(mx.float32))
+        )
