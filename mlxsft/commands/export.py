@@ -44,11 +44,12 @@ def fuse(model: str, adapter: str, output: str, dequantize: bool, quantize: str 
 @click.option(
     "--dtype",
     type=click.Choice(["f16", "f32", "q8_0"]),
-    default="f16",
-    show_default=True,
-    help="GGUF tensor type (norms stay f32).",
+    default=None,
+    help="GGUF tensor type (norms stay f32). [f16]",
 )
-def export(fmt: str, output: str, model: str | None, adapter: str | None, dtype: str) -> None:
+def export(
+    fmt: str, output: str, model: str | None, adapter: str | None, dtype: str | None
+) -> None:
     """Export an adapter as a PEFT LoRA adapter, or a model (+ adapter) as GGUF + Ollama Modelfile.
 
     \b
@@ -62,6 +63,8 @@ def export(fmt: str, output: str, model: str | None, adapter: str | None, dtype:
 
         if adapter is None:
             raise UserError("--format peft needs --adapter DIR")
+        if dtype is not None:
+            raise UserError("--dtype applies to --format gguf only", hint="drop --dtype")
         out = export_peft(adapter, output, base_model=model)
         click.echo(f"wrote PEFT adapter {out}")
         return
@@ -69,4 +72,4 @@ def export(fmt: str, output: str, model: str | None, adapter: str | None, dtype:
 
     if model is None:
         raise UserError("--format gguf needs --model (the base model)")
-    export_gguf(model, output, adapter=adapter, dtype=dtype, echo=click.echo)
+    export_gguf(model, output, adapter=adapter, dtype=dtype or "f16", echo=click.echo)

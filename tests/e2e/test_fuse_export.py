@@ -241,6 +241,9 @@ def test_export_peft_cli(llama_adapter, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     result = CliRunner().invoke(main, ["export", "--format", "peft", "--output", str(out)])
     assert result.exit_code == 2 and "needs --adapter" in result.output
+    args = ["export", "--adapter", str(llama_adapter), "--format", "peft", "--output", str(out)]
+    result = CliRunner().invoke(main, [*args, "--dtype", "q8_0"])
+    assert result.exit_code == 2 and "--dtype applies to --format gguf only" in result.output
 
 
 def test_sharded_output_loads(tiny_llama, llama_adapter, tmp_path):
