@@ -293,3 +293,17 @@ def test_grouped_all_reduce(monkeypatch):
         np.testing.assert_array_equal(
             np.array(got.astype(mx.float32)), 3 * np.array(want.astype(mx.float32))
         )
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_bfloat16_base_trains_float32_adapters(tiny_checkpoint, kind):
+    model = _mlxlm.load_model(tiny_checkpoint("llama", dtype="bfloat16"))[0]
+    assert model.layers[0].self_attn.q_proj.weight.dtype == mx.bfloat16
+    apply_adapters(model, fine_tune_type=kind, rank=4)
+    step = make_train_step(model, optim.Adam(1e-2), max_grad_norm=1.0)
+    (b,) = epoch_batches(dataset(4), batch_size=2, max_seq_len=64, pack=True, seed=0, epoch=0)
+    losses = [step([b])[0] for _ in range(4)]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert {v.dtype for _, v in tree_flatten(model.trainable_parameters())} == {mx.float32}
+    s, n = make_eval_step(model)(b)
+    assert s.dtype == mx.float32 and float(n) == b.n_trained
