@@ -166,7 +166,8 @@ def apply_adapters(
     num_layers: int = -1,
 ) -> dict[str, Any]:
     """Wrap target linears of the last `num_layers` blocks (-1: all) in LoRA/DoRA layers, freeze
-    the base and unfreeze the adapters (`full`: unfreeze everything). Returns adapter_config."""
+    the base and unfreeze the adapters. `full` unfreezes everything (num_layers -1) or the last
+    `num_layers` blocks. Returns the adapter_config saved next to the adapters."""
     if fine_tune_type not in FINE_TUNE_TYPES:
         raise UserError(
             f"unknown fine_tune_type {fine_tune_type!r}", hint=f"one of {FINE_TUNE_TYPES}"
@@ -175,6 +176,8 @@ def apply_adapters(
         raise UserError(
             "the model already has adapters", hint="fuse them first (mlxsft fuse) or load the base"
         )
+    if num_layers == 0 or num_layers < -1:
+        raise UserError(f"num_layers must be -1 (all) or >= 1, got {num_layers}")
     blocks = _blocks(model)
     n = len(blocks) if num_layers < 0 else min(num_layers, len(blocks))
     config: dict[str, Any] = {"fine_tune_type": fine_tune_type, "num_layers": n}
@@ -184,7 +187,13 @@ def apply_adapters(
                 "full fine-tuning needs a float model, this one is quantized",
                 hint="use --fine-tune-type lora (QLoRA) or an unquantized checkpoint",
             )
-        model.unfreeze()
+        if num_layers < 0:  # everything, embeddings and LM head included
+            config["num_layers"] = -1
+            model.unfreeze()
+        else:  # the last n blocks only, as mlx_lm.lora does
+            model.freeze()
+            for block in blocks[len(blocks) - n :]:
+                block.unfreeze()
         return config
     if rank < 1:
         raise UserError(f"LoRA rank must be >= 1, got {rank}")

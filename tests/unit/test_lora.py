@@ -122,8 +122,14 @@ def test_full_unfreezes_everything(tiny_llama):
     model = load(tiny_llama)
     n_all = len(tree_flatten(model.parameters()))
     config = apply_adapters(model, fine_tune_type="full")
-    assert config == {"fine_tune_type": "full", "num_layers": 2}
+    assert config == {"fine_tune_type": "full", "num_layers": -1}
     assert len(tree_flatten(model.trainable_parameters())) == n_all
+    last = load(tiny_llama)
+    assert apply_adapters(last, fine_tune_type="full", num_layers=1)["num_layers"] == 1
+    names = [k for k, _ in tree_flatten(last.trainable_parameters())]
+    assert names and all(k.startswith("model.layers.1.") for k in names)
+    with pytest.raises(UserError, match="num_layers"):
+        apply_adapters(load(tiny_llama), num_layers=0)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora"])
