@@ -87,7 +87,7 @@ def train(config_path, **flags) -> None:
 def eval_cmd(split, as_json, **flags) -> None:
     """Loss, perplexity and token count of MODEL [+ ADAPTER] on DATA, masked as in training."""
     from mlxsft.config import resolve
-    from mlxsft.train.loop import evaluate_model
+    from mlxsft.train.evaluate import evaluate_model
 
     cfg = resolve(flags)
     result = evaluate_model(cfg, split=split)

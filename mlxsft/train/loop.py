@@ -1,18 +1,18 @@
 """The training loop: `train(cfg)` from a resolved TrainConfig to an adapter directory.
 
-Order matters for exact resume and reproducibility: seed MLX once, load the model, add adapters
-(their init draws from the seeded MLX RNG), build the optimizer, and only then restore a
-checkpoint (weights, optimizer state, RNG key, data cursor) and compile the step. Batches are a
-pure function of (seed, epoch, batch index), so a resumed run sees exactly the batches an
-uninterrupted one would. Every rank builds the same global batch and trains its rows.
+Order matters for exact resume: seed MLX once, load the model, add adapters (their init draws
+from the seeded MLX RNG), build the optimizer, then restore a checkpoint (weights, optimizer
+state, RNG key, data cursor) and build the step. Batches are a pure function of (seed, epoch,
+batch index), so a resumed run sees exactly the batches an uninterrupted one would. Every rank
+builds the same global batch and trains its own rows of it.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,10 @@ import numpy as np
 
 from mlxsft.config import TrainConfig, save_config
 from mlxsft.data.batching import BatchPlan, make_batch, plan_epoch
-from mlxsft.data.types import Encoded
-from mlxsft.errors import DataError, UserError
+from mlxsft.errors import UserError
 from mlxsft.train import checkpoint as ckpt
 from mlxsft.train.distributed import World, init_world
+from mlxsft.train.evaluate import evaluate
 from mlxsft.train.progress import Progress, peak_memory_gb
 
 
@@ -47,156 +47,6 @@ class TrainResult:
     resumed_from: Path | None = None
 
 
-@dataclass
-class Prepared:
-    """A loaded model with adapters, its tokenizer and encoded data."""
-
-    model: Any
-    tokenizer: Any
-    adapter_config: dict[str, Any]
-    train: list[Encoded]
-    valid: list[Encoded]
-    pack: bool
-    notes: list[str]
-
-
-# ------------------------------------------------------------------------------------ data
-
-
-def encode_split(cfg: TrainConfig, tokenizer: Any, path: str, split: str) -> tuple[list, str]:
-    """Read and encode one split -> (encoded examples, a one-line note on drops/truncation).
-    A bad row or nothing usable is a DataError: nothing is silently skipped."""
-    from mlxsft.data.encode import encode_dataset
-    from mlxsft.data.formats import read_examples
-    from mlxsft.data.templates import resolve_template
-
-    examples, errors = read_examples(path, cfg.format, split=split)
-    if errors:
-        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
-        raise DataError(
-            f"{errors[0].one_line()}{more}",
-            hint="fix the rows; `mlxsft data validate DATA` lists them all",
-        )
-    if not examples:
-        raise DataError(f"no rows in {split} data", where=str(path))
-    template = resolve_template(cfg.template, tokenizer)
-    encoded, stats = encode_dataset(examples, tokenizer, template, cfg.train_on, cfg.max_seq_len)
-    if not encoded:
-        reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped.items())
-        raise DataError(
-            f"every {split} example was dropped ({reasons})",
-            where=str(path),
-            hint="check --template / --train-on with `mlxsft data inspect`",
-        )
-    dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items())
-    note = (
-        f"{split}: {len(encoded)} examples, {stats.n_trained} trained of {stats.n_tokens} tokens"
-        f"; {stats.n_truncated} truncated to {cfg.max_seq_len}; {stats.n_dropped} dropped"
-        + (f" ({dropped})" if dropped else "")
-    )
-    return encoded, note
-
-
-def _valid_source(cfg: TrainConfig) -> tuple[str, str] | None:
-    """(path, split) of the validation data: --valid, else DATA dir's valid split."""
-    if cfg.valid:
-        return cfg.valid, "train"
-    data = Path(cfg.data or "")
-    if data.is_dir():
-        from mlxsft.data.formats import find_splits
-
-        if "valid" in find_splits(data):
-            return str(data), "valid"
-    return None
-
-
-# ------------------------------------------------------------------------------------ model
-
-
-def prepare(cfg: TrainConfig, *, with_adapters: bool = True) -> Prepared:
-    """Load the model (QLoRA when quantized), add or load adapters, encode train/valid data."""
-    from mlxsft import _mlxlm
-    from mlxsft.model import lora
-    from mlxsft.model.loading import load
-
-    if not cfg.model:
-        raise UserError("no model given", hint="pass --model DIR_OR_HUB_ID")
-    if not cfg.data:
-        raise UserError("no training data given", hint="pass --data FILE_OR_DIR")
-    loaded = load(cfg.model, quantize=cfg.quantize)
-    model, notes = loaded.model, []
-    if _mlxlm.is_quantized(model):
-        notes.append("quantized base: training LoRA on a frozen quantized model (QLoRA)")
-    if not with_adapters:
-        adapter_config: dict[str, Any] = {}
-    elif cfg.adapter:
-        model = lora.load_adapters(model, cfg.adapter)
-        adapter_config = lora.read_adapter_config(cfg.adapter)
-        notes.append(f"starting from adapter {cfg.adapter} (its rank/targets apply)")
-    else:
-        adapter_config = lora.apply_adapters(
-            model,
-            fine_tune_type=cfg.fine_tune_type,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            target_modules=cfg.target_modules,
-            num_layers=cfg.num_layers,
-        )
-    pack = _mlxlm.supports_mask(model) if cfg.pack is None else cfg.pack
-    if pack and not _mlxlm.supports_mask(model):
-        raise UserError(
-            f"--pack is not supported for model_type {_mlxlm.model_type(model)!r}",
-            hint="use --no-pack",
-        )
-    train, note = encode_split(cfg, loaded.tokenizer, cfg.data, "train")
-    notes.append(note)
-    valid: list[Encoded] = []
-    source = _valid_source(cfg)
-    if source is not None:
-        valid, note = encode_split(cfg, loaded.tokenizer, *source)
-        notes.append(note.replace("train:", "valid:", 1))
-    return Prepared(model, loaded.tokenizer, adapter_config, train, valid, pack, notes)
-
-
-# ------------------------------------------------------------------------------------ eval
-
-
-def evaluate(
-    eval_step: Any,
-    encoded: Sequence[Encoded],
-    *,
-    batch_size: int,
-    max_seq_len: int,
-    pack: bool,
-    world: World,
-) -> tuple[float, int]:
-    """(mean CE over trained tokens, trained tokens) over all of `encoded`, masked as in
-    training; each rank evaluates its rows and the sums are all-reduced."""
-    plans = plan_epoch(
-        encoded,
-        batch_size=batch_size,
-        max_seq_len=max_seq_len,
-        pack=pack,
-        seed=0,
-        epoch=0,
-        shuffle=False,
-    )
-    total, count = mx.array(0.0), mx.array(0.0)
-    for plan in plans:
-        s, n = eval_step(world.shard(make_batch(encoded, plan)))
-        total, count = total + s, count + n
-        mx.eval(total, count)
-    if world.size > 1:
-        total = mx.distributed.all_sum(total, group=world.group)
-        count = mx.distributed.all_sum(count, group=world.group)
-    n_tokens = int(count.item())
-    return float(total.item()) / max(n_tokens, 1), n_tokens
-
-
-# ------------------------------------------------------------------------------------ train
-
-
 class _StopFlag:
     """First Ctrl-C: finish the current step, save, stop. A second one interrupts at once."""
 
@@ -207,7 +57,7 @@ class _StopFlag:
     def __enter__(self) -> _StopFlag:
         try:
             self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
+        except ValueError:  # not the main thread: Ctrl-C stays a plain KeyboardInterrupt
             self._old = None
         return self
 
@@ -221,43 +71,6 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    return cfg.iters if cfg.iters is not None else (cfg.epochs or 1) * steps_per_epoch
-
-
-def _start_fresh(out: Path, world: World, progress_log: Any) -> None:
-    """A fresh run in a directory holding an earlier run's checkpoints replaces them."""
-    old = ckpt.list_checkpoints(out)
-    if old and world.is_main:
-        progress_log(
-            f"note: {out} holds {len(old)} checkpoint(s) of an earlier run; starting fresh "
-            "and replacing them (pass --resume auto to continue that run instead)"
-        )
-        import shutil
-
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _diverged(loss: float, step: int, out: Path, world: World) -> TrainingDiverged:
-    """The loss of step s comes from the weights after step s - 1, so checkpoints from step
-    s - 1 on hold bad weights: remove them, and point at the newest one left."""
-    import shutil
-
-    good = None
-    for path in ckpt.list_checkpoints(out):
-        if int(path.name.split("-")[1]) >= step - 1:
-            if world.is_main:
-                shutil.rmtree(path, ignore_errors=True)
-        else:
-            good = path
-    where = f"the last good checkpoint is {good}" if good else "no good checkpoint was saved"
-    return TrainingDiverged(
-        f"the training loss became {loss} at step {step}; stopped ({where})",
-        hint="lower --learning-rate, add --warmup, or set --max-grad-norm 1.0",
-    )
-
-
 def _wire_memory() -> None:
     """On Apple silicon, wire the model's memory like mlx-lm does; a no-op elsewhere."""
     try:
@@ -267,192 +80,243 @@ def _wire_memory() -> None:
         pass
 
 
-def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
-    """Run one training job described by `cfg` (already validated); see the module docstring."""
-    from mlxsft.model.lora import n_parameters, save_adapters
-    from mlxsft.train.schedule import build_optimizer, build_schedule
-    from mlxsft.train.step import enable_grad_checkpoint, make_eval_step, make_train_step
+def _decorrelate_ranks(world: World) -> None:
+    """Same adapter init on every rank, then different dropout draws per rank. Checkpoints hold
+    rank 0's key; other ranks re-derive theirs from it on resume."""
+    if world.rank > 0:
+        hi, lo = ckpt.rng_key()
+        mx.random.seed((((hi << 32) | lo) + world.rank * 0x9E3779B97F4A7C15) % 2**64)
 
-    t_start = time.perf_counter()
-    world = init_world()
-    world.check_batch_size(cfg.batch_size, cfg.grad_accum)
-    out = Path(cfg.output)
-    resume_from = ckpt.find_resume(out, cfg.resume)
-    mx.random.seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)  # the run's NumPy RNG (state saved in checkpoints)
-    _wire_memory()
 
-    prep = prepare(cfg)
-    model = prep.model
-    if cfg.grad_checkpoint:
-        enable_grad_checkpoint(model)
-    lengths = [e.n_tokens for e in prep.train]
+class _Run:
+    """One training run: set up in __init__, then `run()`."""
 
-    def plans_for(epoch: int) -> list[BatchPlan]:
+    def __init__(self, cfg: TrainConfig, stream: Any = None):
+        from mlxsft.train.schedule import build_optimizer, build_schedule
+        from mlxsft.train.setup import prepare
+        from mlxsft.train.step import enable_grad_checkpoint, make_eval_step, make_train_step
+
+        self.t_start = time.perf_counter()
+        self.cfg = cfg
+        self.world = world = init_world()
+        world.check_batch_size(cfg.batch_size, cfg.grad_accum)
+        self.out = Path(cfg.output)
+        self.resume_from = ckpt.find_resume(self.out, cfg.resume)
+        mx.random.seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # the run's NumPy RNG, saved in checkpoints
+        _wire_memory()
+        self.prep = prepare(cfg)
+        self.model = self.prep.model
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(self.model)
+        self.lengths = [e.n_tokens for e in self.prep.train]
+        self.plans, self.plans_epoch = self._plans_for(0), 0
+        total = cfg.iters if cfg.iters is not None else (cfg.epochs or 1) * len(self.plans)
+        self.total = total
+        self.schedule = build_schedule(cfg, total)
+        self.optimizer = build_optimizer(cfg, self.schedule)
+        self.state = ckpt.TrainState()
+        if self.resume_from is not None:
+            self.state = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer)
+            if self.state.np_rng:
+                self.rng.bit_generator.state = self.state.np_rng
+        _decorrelate_ranks(world)
+        self.elapsed_before = self.state.elapsed_s
+        if world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress(
+            self.out / "metrics.jsonl" if world.is_main else None,
+            total_steps=total,
+            steps_per_epoch=len(self.plans),
+            every=cfg.steps_per_report,
+            resume_step=self.state.step,
+            stream=stream,
+            enabled=world.is_main,
+        )
+        # With several ranks the step runs uncompiled: it reduces gradients leaf by leaf, and
+        # in a compiled graph those collectives can run in a different order on each rank
+        # (seen with the ring backend), mixing up gradients. Lazy graphs evaluate in the same
+        # order everywhere.
+        self.step_fn = make_train_step(
+            self.model,
+            self.optimizer,
+            max_grad_norm=cfg.max_grad_norm,
+            all_reduce=world.all_reduce,
+            compile=world.size == 1,
+        )
+        self.eval_fn = make_eval_step(self.model)
+        self.last_loss: float | None = None
+        self.val_loss: float | None = None
+        self.logged_compile = False
+
+    def _plans_for(self, epoch: int) -> list[BatchPlan]:
         return plan_epoch(
-            lengths,
-            batch_size=cfg.batch_size,
-            max_seq_len=cfg.max_seq_len,
-            pack=prep.pack,
-            seed=cfg.seed,
+            self.lengths,
+            batch_size=self.cfg.batch_size,
+            max_seq_len=self.cfg.max_seq_len,
+            pack=self.prep.pack,
+            seed=self.cfg.seed,
             epoch=epoch,
         )
 
-    plans, plans_epoch = plans_for(0), 0
-    total = _total_steps(cfg, len(plans))
-    schedule = build_schedule(cfg, total)
-    optimizer = build_optimizer(cfg, schedule)
-    state = ckpt.TrainState()
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer)
-        if state.np_rng:
-            rng.bit_generator.state = state.np_rng
-    if world.rank > 0:
-        # Same adapter init on every rank (above), then different dropout draws per rank.
-        # Checkpoints hold rank 0's key; other ranks re-derive theirs from it on resume.
-        hi, lo = ckpt.rng_key()
-        mx.random.seed((((hi << 32) | lo) + world.rank * 0x9E3779B97F4A7C15) % 2**64)
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(
-        out / "metrics.jsonl" if world.is_main else None,
-        total_steps=total,
-        steps_per_epoch=len(plans),
-        every=cfg.steps_per_report,
-        resume_step=state.step,
-        stream=stream,
-        enabled=world.is_main,
-    )
-    if resume_from is None:
-        _start_fresh(out, world, progress.log)
-    if world.is_main:
-        save_config(cfg, out / "config.yaml")
-    n_train, n_total = n_parameters(model)
-    for note in prep.notes:
-        progress.log(note)
-    progress.log(
-        f"{cfg.fine_tune_type}: {n_train:,} trainable of {n_total:,} parameters "
-        f"({100 * n_train / max(n_total, 1):.3f}%); {'packed' if prep.pack else 'padded'} rows "
-        f"of {cfg.max_seq_len}; {len(plans)} steps per epoch; {total} steps; "
-        f"{world.size} rank(s)"
-    )
-    if resume_from is not None:
-        progress.log(f"resuming from {resume_from} at step {state.step}")
-    # With several ranks the step runs uncompiled: the step reduces gradients leaf by leaf,
-    # and in a compiled graph those collectives can run in a different order on each rank
-    # (seen with the ring backend), which mixes up gradients. Lazy graphs evaluate in the same
-    # order everywhere.
-    step_fn = make_train_step(
-        model,
-        optimizer,
-        max_grad_norm=cfg.max_grad_norm,
-        all_reduce=world.all_reduce,
-        compile=world.size == 1,
-    )
-    eval_fn = make_eval_step(model)
-    last_loss: float | None = None
-    val_loss: float | None = None
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self.t_start + self.elapsed_before
 
-    def save() -> Path | None:
-        last_saved = None
-        state.np_rng = rng.bit_generator.state
-        state.elapsed_s = time.perf_counter() - t_start + elapsed_before
-        if world.is_main:
-            last_saved = ckpt.save_checkpoint(out, model, optimizer, prep.adapter_config, state)
-        world.barrier()
-        return last_saved
+    def _announce(self) -> None:
+        """Start-of-run lines; replaces an earlier run's checkpoints on a fresh start."""
+        from mlxsft.model.lora import n_parameters
 
-    def run_eval() -> None:
-        nonlocal val_loss
-        if not prep.valid:
-            return
+        cfg, log = self.cfg, self.progress.log
+        if self.resume_from is None:
+            old = ckpt.list_checkpoints(self.out)
+            if old and self.world.is_main:
+                log(f"note: replacing {len(old)} checkpoint(s) of an earlier run in {self.out} "
+                    "(pass --resume auto to continue it instead)")  # fmt: skip
+                for path in old:
+                    shutil.rmtree(path, ignore_errors=True)
+            if cfg.resume == "auto":
+                log(f"no checkpoint in {self.out}; starting fresh")
+        if self.world.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        for note in self.prep.notes:
+            log(note)
+        n_train, n_total = n_parameters(self.model)
+        log(
+            f"{cfg.fine_tune_type}: {n_train:,} trainable of {n_total:,} parameters "
+            f"({100 * n_train / max(n_total, 1):.3f}%); "
+            f"{'packed' if self.prep.pack else 'padded'} rows of {cfg.max_seq_len}; "
+            f"{len(self.plans)} steps per epoch; {self.total} steps; {self.world.size} rank(s)"
+        )
+        if self.resume_from is not None:
+            log(f"resuming from {self.resume_from} at step {self.state.step}")
+
+    def save(self) -> Path | None:
+        """A checkpoint of the current state (rank 0 writes; every rank waits)."""
+        self.state.np_rng = self.rng.bit_generator.state
+        self.state.elapsed_s = self._elapsed()
+        path = None
+        if self.world.is_main:
+            path = ckpt.save_checkpoint(
+                self.out, self.model, self.optimizer, self.prep.adapter_config, self.state
+            )
+        self.world.barrier()
+        return path
+
+    def run_eval(self) -> None:
+        cfg, state = self.cfg, self.state
         loss, n = evaluate(
-            eval_fn,
-            prep.valid,
+            self.eval_fn,
+            self.prep.valid,
             batch_size=cfg.batch_size,
             max_seq_len=cfg.max_seq_len,
-            pack=prep.pack,
-            world=world,
+            pack=self.prep.pack,
+            world=self.world,
         )
-        val_loss = loss
+        self.val_loss = loss
         best = state.best_val_loss is None or loss < state.best_val_loss
         if best:
             state.best_val_loss, state.best_step = loss, state.step
-            if world.is_main:
-                ckpt.save_best(out, model, prep.adapter_config)
-        progress.eval(state.step, loss, n, best=best)
+            if self.world.is_main:
+                ckpt.save_best(self.out, self.model, self.prep.adapter_config)
+        self.progress.eval(state.step, loss, n, best=best)
 
-    elapsed_before = state.elapsed_s
-    interrupted = False
-    with _StopFlag() as stop:
-        if state.step == 0 and prep.valid and cfg.eval_every:
-            run_eval()  # the starting point, for the report
-        while state.step < total:
-            if state.epoch != plans_epoch:
-                plans, plans_epoch = plans_for(state.epoch), state.epoch
-            if state.batch_index >= len(plans):
-                state.epoch, state.batch_index = state.epoch + 1, 0
-                continue
-            batch = make_batch(prep.train, plans[state.batch_index])
-            lr = float(schedule(optimizer.step).item())
-            t0 = time.perf_counter()
-            loss, n_tokens = step_fn(world.shard(batch).split(cfg.grad_accum))
-            seconds = time.perf_counter() - t0
-            state.step += 1
-            state.batch_index += 1
-            if not math.isfinite(loss):
-                progress.close()
-                raise _diverged(loss, state.step, out, world)
-            state.trained_tokens += n_tokens
-            last_loss = loss
-            if state.step == 1:
-                progress.log(f"compiled the train step ({step_fn.n_compilations} compilations)")
-            progress.train_step(
-                {
-                    "step": state.step,
-                    "epoch": state.epoch + state.batch_index / len(plans),
-                    "loss": loss,
-                    "lr": lr,
-                    "trained_tokens": state.trained_tokens,
-                    "step_tokens": n_tokens,
-                    "tokens_per_sec": n_tokens / max(seconds, 1e-9),
-                    "peak_memory_gb": peak_memory_gb(),
-                    "elapsed_s": time.perf_counter() - t_start + elapsed_before,
-                    "grad_norm": step_fn.last_grad_norm,
-                },
-                seconds,
-            )
-            final = state.step == total
-            if prep.valid and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-                run_eval()
-            if final or (cfg.save_every and state.step % cfg.save_every == 0):
-                save()
-            if stop.set and not final:
-                interrupted = True
-                break
-    if interrupted:
-        path = save()
-        progress.log(f"interrupted at step {state.step}; saved {path}")
-        progress.close()
-        raise KeyboardInterrupt
-    if world.is_main:
-        save_adapters(model, out, prep.adapter_config)
-    elapsed = time.perf_counter() - t_start + elapsed_before
-    result = TrainResult(
-        output=out,
-        steps=state.step,
-        trained_tokens=state.trained_tokens,
-        final_loss=last_loss,
-        val_loss=val_loss,
-        best_val_loss=state.best_val_loss,
-        best_step=state.best_step,
-        n_compilations=step_fn.n_compilations,
-        elapsed_s=elapsed,
-        resumed_from=resume_from,
-    )
-    progress.log(summary(result))
-    progress.close()
-    return result
+    def train_step(self) -> None:
+        """One optimizer step on the batch at the data cursor; advances the cursor."""
+        state = self.state
+        if state.epoch != self.plans_epoch:
+            self.plans, self.plans_epoch = self._plans_for(state.epoch), state.epoch
+        batch = make_batch(self.prep.train, self.plans[state.batch_index])
+        lr = float(self.schedule(self.optimizer.step).item())
+        t0 = time.perf_counter()
+        loss, n_tokens = self.step_fn(self.world.shard(batch).split(self.cfg.grad_accum))
+        seconds = time.perf_counter() - t0
+        state.step += 1
+        state.batch_index += 1
+        if state.batch_index == len(self.plans):
+            state.epoch, state.batch_index = state.epoch + 1, 0
+        if not math.isfinite(loss):
+            self.progress.close()
+            raise self._diverged(loss)
+        state.trained_tokens += n_tokens
+        self.last_loss = loss
+        if not self.logged_compile:
+            self.logged_compile = True
+            self.progress.log(f"compiled the train step ({self.step_fn.n_compilations} times)")
+        record = {
+            "step": state.step,
+            "epoch": state.epoch + state.batch_index / len(self.plans),
+            "loss": loss,
+            "lr": lr,
+            "trained_tokens": state.trained_tokens,
+            "step_tokens": n_tokens,
+            "tokens_per_sec": n_tokens / max(seconds, 1e-9),
+            "peak_memory_gb": peak_memory_gb(),
+            "elapsed_s": self._elapsed(),
+            "grad_norm": self.step_fn.last_grad_norm,
+        }
+        self.progress.train_step(record, seconds)
+
+    def _diverged(self, loss: float) -> TrainingDiverged:
+        """The loss of step s comes from the weights after step s - 1, so checkpoints from step
+        s - 1 on hold bad weights: remove them and point at the newest one left."""
+        step, good = self.state.step, None
+        for path in ckpt.list_checkpoints(self.out):
+            if int(path.name.split("-")[1]) < step - 1:
+                good = path
+            elif self.world.is_main:
+                shutil.rmtree(path, ignore_errors=True)
+        where = f"the last good checkpoint is {good}" if good else "no good checkpoint was saved"
+        return TrainingDiverged(
+            f"the training loss became {loss} at step {step}; stopped ({where})",
+            hint="lower --learning-rate, add --warmup, or set --max-grad-norm 1.0",
+        )
+
+    def run(self) -> TrainResult:
+        from mlxsft.model.lora import save_adapters
+
+        cfg, state, valid = self.cfg, self.state, bool(self.prep.valid)
+        self._announce()
+        with _StopFlag() as stop:
+            if state.step == 0 and valid and cfg.eval_every:
+                self.run_eval()  # the starting point
+            while state.step < self.total:
+                self.train_step()
+                final = state.step == self.total
+                if valid and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                    self.run_eval()
+                if final or (cfg.save_every and state.step % cfg.save_every == 0):
+                    self.save()
+                if stop.set and not final:
+                    path = self.save()
+                    self.progress.log(f"interrupted at step {state.step}; saved {path}")
+                    self.progress.close()
+                    raise KeyboardInterrupt
+        if self.world.is_main:
+            save_adapters(self.model, self.out, self.prep.adapter_config)
+        result = TrainResult(
+            output=self.out,
+            steps=state.step,
+            trained_tokens=state.trained_tokens,
+            final_loss=self.last_loss,
+            val_loss=self.val_loss,
+            best_val_loss=state.best_val_loss,
+            best_step=state.best_step,
+            n_compilations=self.step_fn.n_compilations,
+            elapsed_s=self._elapsed(),
+            resumed_from=self.resume_from,
+        )
+        self.progress.log(summary(result))
+        self.progress.close()
+        return result
+
+
+def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
+    """Run one training job described by `cfg` (validated); progress goes to `stream` (stderr).
+
+    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt; a NaN/inf loss raises
+    TrainingDiverged. Only rank 0 writes files or prints.
+    """
+    return _Run(cfg, stream).run()
 
 
 def summary(r: TrainResult) -> str:
@@ -466,46 +330,3 @@ def summary(r: TrainResult) -> str:
     parts.append(f"{r.n_compilations} compilations; peak memory {peak_memory_gb():.2f} GB")
     parts.append(f"adapter: {r.output}")
     return "; ".join(parts)
-
-
-def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, Any]:
-    """`mlxsft eval`: loss / perplexity / trained tokens of cfg.model (+ cfg.adapter) on cfg.data.
-
-    A DATA directory is read at `split`, default test, else valid, else train.
-    """
-    from mlxsft import _mlxlm
-    from mlxsft.model import lora
-    from mlxsft.model.loading import load
-    from mlxsft.train.step import make_eval_step
-
-    if not cfg.model or not cfg.data:
-        raise UserError("eval needs --model and --data")
-    if split is None:
-        split = "train"
-        if Path(cfg.data).is_dir():
-            from mlxsft.data.formats import find_splits
-
-            found = find_splits(cfg.data)
-            split = next(s for s in ("test", "valid", "train") if s in found)
-    loaded = load(cfg.model, quantize=cfg.quantize)
-    model = loaded.model
-    if cfg.adapter:
-        model = lora.load_adapters(model, cfg.adapter)
-    pack = _mlxlm.supports_mask(model) if cfg.pack is None else cfg.pack
-    encoded, note = encode_split(cfg, loaded.tokenizer, cfg.data, split)
-    loss, n = evaluate(
-        make_eval_step(model),
-        encoded,
-        batch_size=cfg.batch_size,
-        max_seq_len=cfg.max_seq_len,
-        pack=pack,
-        world=init_world(),
-    )
-    return {
-        "split": split,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "tokens": n,
-        "examples": len(encoded),
-        "note": note,
-    }

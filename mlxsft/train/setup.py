@@ -1,0 +1,145 @@
+"""What a run trains on: the model (QLoRA when quantized) with adapters, and the encoded splits.
+
+Data is strict: one bad row stops the run with its `file:line` before any model is loaded
+(nothing is silently skipped); the encoder's drops and truncations are reported per split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlxsft.config import TrainConfig
+from mlxsft.data.types import Encoded, Example
+from mlxsft.errors import DataError, UserError
+
+
+@dataclass
+class Prepared:
+    """A loaded model with adapters, its tokenizer and encoded data."""
+
+    model: Any
+    tokenizer: Any
+    adapter_config: dict[str, Any]
+    train: list[Encoded]
+    valid: list[Encoded]
+    pack: bool
+    notes: list[str]
+
+
+def read_split(cfg: TrainConfig, path: str, split: str) -> list[Example]:
+    """Every row of one split as an Example; any bad row is a DataError naming `file:line`."""
+    from mlxsft.data.formats import read_examples
+
+    examples, errors = read_examples(path, cfg.format, split=split)
+    if errors:
+        more = f" (and {len(errors) - 1} more bad rows)" if len(errors) > 1 else ""
+        raise DataError(
+            f"{errors[0].one_line()}{more}",
+            hint="fix the rows; `mlxsft data validate DATA` lists them all",
+        )
+    if not examples:
+        raise DataError(f"no rows in {split} data", where=str(path))
+    return examples
+
+
+def encode_split(
+    cfg: TrainConfig, tokenizer: Any, examples: list[Example], label: str
+) -> tuple[list[Encoded], str]:
+    """Encode examples as training does -> (encoded, a one-line note on drops/truncation)."""
+    from mlxsft.data.encode import encode_dataset
+    from mlxsft.data.templates import resolve_template
+
+    template = resolve_template(cfg.template, tokenizer)
+    encoded, stats = encode_dataset(examples, tokenizer, template, cfg.train_on, cfg.max_seq_len)
+    if not encoded:
+        reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped.items())
+        raise DataError(
+            f"every {label} example was dropped ({reasons})",
+            hint="check --template / --train-on with `mlxsft data inspect`",
+        )
+    dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items())
+    note = (
+        f"{label}: {len(encoded)} examples, {stats.n_trained} trained of {stats.n_tokens} tokens"
+        f"; {stats.n_truncated} truncated to {cfg.max_seq_len}; {stats.n_dropped} dropped"
+        + (f" ({dropped})" if dropped else "")
+    )
+    return encoded, note
+
+
+def valid_source(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(path, split) of the validation data: --valid, else DATA dir's valid split."""
+    if cfg.valid:
+        return cfg.valid, "train"
+    data = Path(cfg.data or "")
+    if data.is_dir():
+        from mlxsft.data.formats import find_splits
+
+        if "valid" in find_splits(data):
+            return str(data), "valid"
+    return None
+
+
+def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, Any, dict[str, Any], list[str]]:
+    """(model, tokenizer, adapter_config, notes). `train`: add fresh adapters (or continue
+    --adapter); otherwise only apply --adapter if given (eval)."""
+    from mlxsft import _mlxlm
+    from mlxsft.model import lora
+    from mlxsft.model.loading import load
+
+    loaded = load(cfg.model, quantize=cfg.quantize)
+    model, notes = loaded.model, []
+    adapter_config: dict[str, Any] = {}
+    if _mlxlm.is_quantized(model):
+        notes.append("quantized base: LoRA on a frozen quantized model (QLoRA)")
+    if cfg.adapter:
+        model = lora.load_adapters(model, cfg.adapter)
+        adapter_config = lora.read_adapter_config(cfg.adapter)
+        if train:
+            notes.append(f"continuing adapter {cfg.adapter} (its rank and targets apply)")
+    elif train:
+        adapter_config = lora.apply_adapters(
+            model,
+            fine_tune_type=cfg.fine_tune_type,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            num_layers=cfg.num_layers,
+        )
+    return model, loaded.tokenizer, adapter_config, notes
+
+
+def use_packing(cfg: TrainConfig, model: Any) -> bool:
+    """--pack/--no-pack, default: pack when the architecture takes block masks (RoPE models)."""
+    from mlxsft import _mlxlm
+
+    if cfg.pack is None:
+        return _mlxlm.supports_mask(model)
+    if cfg.pack and not _mlxlm.supports_mask(model):
+        raise UserError(
+            f"--pack is not supported for model_type {_mlxlm.model_type(model)!r}",
+            hint="use --no-pack",
+        )
+    return cfg.pack
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Read data (fail fast), load the model with adapters, encode train and valid splits."""
+    if not cfg.model:
+        raise UserError("no model given", hint="pass --model DIR_OR_HUB_ID")
+    if not cfg.data:
+        raise UserError("no training data given", hint="pass --data FILE_OR_DIR")
+    train_rows = read_split(cfg, cfg.data, "train")
+    source = valid_source(cfg)
+    valid_rows = read_split(cfg, *source) if source else []
+    model, tokenizer, adapter_config, notes = load_model(cfg, train=True)
+    pack = use_packing(cfg, model)
+    train, note = encode_split(cfg, tokenizer, train_rows, "train")
+    notes.append(note)
+    valid: list[Encoded] = []
+    if valid_rows:
+        valid, note = encode_split(cfg, tokenizer, valid_rows, "valid")
+        notes.append(note)
+    return Prepared(model, tokenizer, adapter_config, train, valid, pack, notes)
