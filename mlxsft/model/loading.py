@@ -277,18 +277,23 @@ def load(
 
 
 def _load_adapter(model: Any, adapter: Path) -> Any:
-    from mlxsft import _mlxlm
+    """Apply an mlxsft / mlx-lm adapter dir, or a PEFT one (converted on the fly), to `model`."""
+    from mlxsft.export.peft import ensure_mlx_adapter
+    from mlxsft.model import lora
 
+    adapter = ensure_mlx_adapter(adapter)
     for name in ("adapter_config.json", "adapters.safetensors"):
         if not (adapter / name).is_file():
             raise ModelError(
                 f"not an adapter directory: no {name}",
                 where=str(adapter),
-                hint="pass the output directory of `mlxsft train` (or `mlx_lm.lora`)",
+                hint="pass the output directory of `mlxsft train` (or `mlx_lm.lora`, or a PEFT adapter)",
             )
     try:
-        model = _mlxlm.load_adapters(model, adapter)
+        model = lora.load_adapters(model, adapter)
     except (ValueError, KeyError) as exc:
+        if isinstance(exc, ModelError):
+            raise
         raise ModelError(f"cannot apply the adapter: {exc}", where=str(adapter)) from None
     model.eval()
     return model
