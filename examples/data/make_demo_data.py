@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 SEED = 1234
-SIZES = {"train": 1800, "valid": 100, "test": 100}
+SIZES = {"train": 2000, "valid": 100, "test": 100}
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
 
@@ -35,7 +35,7 @@ def _digits(rng: random.Random, lo: int, hi: int) -> list[str]:
 
 
 def reverse(rng: random.Random) -> tuple[str, str]:
-    xs = _letters(rng, 3, 6)
+    xs = _letters(rng, 3, 5)
     return f"Reverse the letters: {' '.join(xs)}", " ".join(reversed(xs))
 
 
@@ -45,7 +45,7 @@ def sort_numbers(rng: random.Random) -> tuple[str, str]:
 
 
 def uppercase(rng: random.Random) -> tuple[str, str]:
-    xs = _letters(rng, 3, 7)
+    xs = _letters(rng, 3, 5)
     return f"Uppercase: {' '.join(xs)}", " ".join(x.upper() for x in xs)
 
 
