@@ -115,3 +115,43 @@ def test_unknown_config_key_is_one_line_error(tiny_llama, data_dir, tmp_path):
     )
     assert result.exit_code == 2
     assert result.output.startswith("error: ") and "unknown config key 'lora_rnk'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("fixture", "flags"),
+    [
+        ("tiny_llama_q4", []),  # QLoRA: quantized checkpoint
+        ("tiny_llama", ["--quantize", "8"]),  # QLoRA: quantize on load
+        ("tiny_llama", ["--fine-tune-type", "dora", "--target-modules", "q_proj,v_proj"]),
+        ("tiny_llama", ["--fine-tune-type", "full", "--num-layers", "1", "--lr", "1e-3"]),
+        ("tiny_qwen2", ["--no-pack", "--grad-accum", "2", "--grad-checkpoint"]),
+        ("tiny_gemma", ["--epochs", "1", "--optimizer", "sgd", "--lr-schedule", "linear"]),
+    ],
+)
+def test_training_variants_save_loadable_adapters(fixture, flags, request, data_dir, tmp_path):
+    from mlxsft.model import lora
+    from mlxsft.model.loading import load
+
+    model_dir = request.getfixturevalue(fixture)
+    out = tmp_path / "out"
+    steps = [] if "--epochs" in flags else ["--iters", "3"]
+    args = ["train", "--model", model_dir, "--data", data_dir / "train.jsonl", "-o", out,
+            "--batch-size", "4", "--max-seq-len", "64", *steps, *flags]  # fmt: skip
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    train = _records(out, "train")
+    assert train and all(np.isfinite(r["loss"]) for r in train)
+    config = json.loads((out / "adapter_config.json").read_text())
+    kind = flags[flags.index("--fine-tune-type") + 1] if "--fine-tune-type" in flags else "lora"
+    assert config["fine_tune_type"] == kind
+    if "--quantize" in flags:
+        assert "quantized base" in result.output
+    # the saved weights are exactly what training left in the model: reload them and compare
+    quantize = 8 if "--quantize" in flags else None
+    reloaded = lora.load_adapters(load(model_dir, quantize=quantize).model, out)
+    saved = mx.load(str(out / "adapters.safetensors"))
+    from mlx.utils import tree_flatten
+
+    params = dict(tree_flatten(reloaded.trainable_parameters()))
+    assert set(saved) == set(params)
+    assert all(mx.array_equal(saved[k], params[k]) for k in saved)
