@@ -174,6 +174,8 @@ class _Run:
                     "(pass --resume auto to continue it instead)")  # fmt: skip
                 for path in old:
                     shutil.rmtree(path, ignore_errors=True)
+            if self.world.is_main and (self.out / "best").is_dir():
+                shutil.rmtree(self.out / "best", ignore_errors=True)  # an earlier run's best
             if cfg.resume == "auto":
                 log(f"no checkpoint in {self.out}; starting fresh")
         if self.world.is_main:
