@@ -65,15 +65,16 @@ def default_split(data: str) -> str:
 def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, Any]:
     """`mlxsft eval`: loss, perplexity and trained tokens of cfg.model (+ cfg.adapter) on
     cfg.data, batched and masked as training does."""
-    from mlxsft.train.setup import encode_split, load_model, read_split, use_packing
+    from mlxsft.train.setup import encode_rows, load_model, read_split, use_packing
     from mlxsft.train.step import make_eval_step
 
     if not cfg.model or not cfg.data:
         raise UserError("eval needs --model and --data")
     split = split or default_split(cfg.data)
     rows = read_split(cfg, cfg.data, split)
-    model, tokenizer, _, _ = load_model(cfg, train=False)
-    encoded, note = encode_split(cfg, tokenizer, rows, split)
+    loaded, _, _ = load_model(cfg, train=False)
+    model = loaded.model
+    encoded, note = encode_rows(cfg, loaded.tokenizer, rows, split)
     loss, n = evaluate(
         make_eval_step(model),
         encoded,

@@ -27,6 +27,7 @@ from mlxsft.train import checkpoint as ckpt
 from mlxsft.train.distributed import World, init_world
 from mlxsft.train.evaluate import evaluate
 from mlxsft.train.progress import Progress, peak_memory_gb
+from mlxsft.train.setup import encode_split  # noqa: F401  (re-exported for `mlxsft plan`)
 
 
 class TrainingDiverged(UserError):
@@ -182,6 +183,9 @@ class _Run:
             save_config(cfg, self.out / "config.yaml")
         for note in self.prep.notes:
             log(note)
+        warning = self._memory_warning()
+        if warning:
+            log(warning)
         n_train, n_total = n_parameters(self.model)
         log(
             f"{cfg.fine_tune_type}: {n_train:,} trainable of {n_total:,} parameters "
@@ -191,6 +195,19 @@ class _Run:
         )
         if self.resume_from is not None:
             log(f"resuming from {self.resume_from} at step {self.state.step}")
+
+    def _memory_warning(self) -> str | None:
+        """`mlxsft plan`'s one-line warning when the estimated peak exceeds the memory budget."""
+        try:
+            from mlxsft.plan import memory_warning, profile_data, run_shape
+        except ImportError:
+            return None
+        try:
+            shape = run_shape(self.cfg)
+            profile = profile_data(self.prep.train, shape, pack=self.prep.pack)
+            return memory_warning(self.prep.config, run_shape(self.cfg, profile))
+        except (KeyError, ValueError, TypeError, ZeroDivisionError):  # an estimate, never fatal
+            return None
 
     def save(self) -> Path | None:
         """A checkpoint of the current state (rank 0 writes; every rank waits)."""

@@ -21,6 +21,7 @@ class Prepared:
 
     model: Any
     tokenizer: Any
+    config: dict[str, Any]  # the model's config.json (after quantization, if any)
     adapter_config: dict[str, Any]
     train: list[Encoded]
     valid: list[Encoded]
@@ -44,7 +45,7 @@ def read_split(cfg: TrainConfig, path: str, split: str) -> list[Example]:
     return examples
 
 
-def encode_split(
+def encode_rows(
     cfg: TrainConfig, tokenizer: Any, examples: list[Example], label: str
 ) -> tuple[list[Encoded], str]:
     """Encode examples as training does -> (encoded, a one-line note on drops/truncation)."""
@@ -68,6 +69,11 @@ def encode_split(
     return encoded, note
 
 
+def encode_split(cfg: TrainConfig, tokenizer: Any, path: str, split: str):
+    """Read (strictly) and encode one split of `path` -> (encoded, note). Used by `mlxsft plan`."""
+    return encode_rows(cfg, tokenizer, read_split(cfg, path, split), split)
+
+
 def valid_source(cfg: TrainConfig) -> tuple[str, str] | None:
     """(path, split) of the validation data: --valid, else DATA dir's valid split."""
     if cfg.valid:
@@ -81,8 +87,8 @@ def valid_source(cfg: TrainConfig) -> tuple[str, str] | None:
     return None
 
 
-def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, Any, dict[str, Any], list[str]]:
-    """(model, tokenizer, adapter_config, notes). `train`: add fresh adapters (or continue
+def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, dict[str, Any], list[str]]:
+    """(loaded, adapter_config, notes); `loaded.model` carries the adapters. `train`: add fresh adapters (or continue
     --adapter); otherwise only apply --adapter if given (eval)."""
     from mlxsft import _mlxlm
     from mlxsft.model import lora
@@ -108,7 +114,8 @@ def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, Any, dict[str, An
             target_modules=cfg.target_modules,
             num_layers=cfg.num_layers,
         )
-    return model, loaded.tokenizer, adapter_config, notes
+    loaded.model = model
+    return loaded, adapter_config, notes
 
 
 def use_packing(cfg: TrainConfig, model: Any) -> bool:
@@ -134,12 +141,14 @@ def prepare(cfg: TrainConfig) -> Prepared:
     train_rows = read_split(cfg, cfg.data, "train")
     source = valid_source(cfg)
     valid_rows = read_split(cfg, *source) if source else []
-    model, tokenizer, adapter_config, notes = load_model(cfg, train=True)
-    pack = use_packing(cfg, model)
-    train, note = encode_split(cfg, tokenizer, train_rows, "train")
+    loaded, adapter_config, notes = load_model(cfg, train=True)
+    pack = use_packing(cfg, loaded.model)
+    train, note = encode_rows(cfg, loaded.tokenizer, train_rows, "train")
     notes.append(note)
     valid: list[Encoded] = []
     if valid_rows:
-        valid, note = encode_split(cfg, tokenizer, valid_rows, "valid")
+        valid, note = encode_rows(cfg, loaded.tokenizer, valid_rows, "valid")
         notes.append(note)
-    return Prepared(model, tokenizer, adapter_config, train, valid, pack, notes)
+    return Prepared(
+        loaded.model, loaded.tokenizer, loaded.config, adapter_config, train, valid, pack, notes
+    )
