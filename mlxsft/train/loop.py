@@ -89,6 +89,22 @@ def _decorrelate_ranks(world: World) -> None:
         mx.random.seed((((hi << 32) | lo) + world.rank * 0x9E3779B97F4A7C15) % 2**64)
 
 
+def _compile_ok(world: World, model: Any) -> bool:
+    """Compile the step unless several collectives would share one compiled graph: with the
+    ring backend they can run in a different order on each rank, which mixes up gradients
+    (seen in testing). One message (all grads in one reduce group) is safe; lazy, uncompiled
+    graphs evaluate in the same order everywhere."""
+    if world.size == 1:
+        return True
+    from mlx.utils import tree_flatten
+
+    from mlxsft.train import step
+
+    params = tree_flatten(model.trainable_parameters())
+    n = sum(v.size for _, v in params)
+    return len({v.dtype for _, v in params}) == 1 and n <= getattr(step, "REDUCE_GROUP", 0)
+
+
 class _Run:
     """One training run: set up in __init__, then `run()`."""
 
@@ -134,16 +150,12 @@ class _Run:
             stream=stream,
             enabled=world.is_main,
         )
-        # With several ranks the step runs uncompiled: it reduces gradients leaf by leaf, and
-        # in a compiled graph those collectives can run in a different order on each rank
-        # (seen with the ring backend), mixing up gradients. Lazy graphs evaluate in the same
-        # order everywhere.
         self.step_fn = make_train_step(
             self.model,
             self.optimizer,
             max_grad_norm=cfg.max_grad_norm,
             all_reduce=world.all_reduce,
-            compile=world.size == 1,
+            compile=_compile_ok(world, self.model),
         )
         self.eval_fn = make_eval_step(self.model)
         self.last_loss: float | None = None
