@@ -1,0 +1,36 @@
+"""`mlxsft demo`: an offline fine-tune end to end (tiny model, checkable tasks, before/after)."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="A short run (< 1 min) for CI and impatient people.")
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    metavar="HUB_ID",
+    help="Run the same flow on a real model (local dir or hub id; the hub needs the network).",
+)
+@click.option(
+    "--output",
+    "-o",
+    default="mlxsft-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the adapter, its metrics.jsonl and the fused model go.",
+)
+def demo(quick: bool, model: str | None, output: str) -> None:
+    """Fine-tune a tiny model offline and watch it learn held-out tasks (about 3 minutes).
+
+    Builds a tiny model (cached under $MLXSFT_CACHE or ~/.cache/mlxsft), shows trained tokens,
+    scores held-out prompts, trains a LoRA adapter, scores again, fuses and answers a prompt.
+    """
+    from mlxsft.blas import maybe_reexec_with_fast_blas
+
+    maybe_reexec_with_fast_blas()  # before mlx is imported: OpenBLAS makes the demo ~10x faster
+    from mlxsft.demo import run_demo
+
+    run_demo(quick=quick, model=model, output=output, echo=click.echo)

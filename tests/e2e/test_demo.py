@@ -1,0 +1,101 @@
+"""The demo dataset (checkable, disjoint, one source of truth) and `mlxsft demo --quick`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlxsft import demo
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE_DATA = REPO / "examples" / "data" / "demo"
+SPLITS = ("train", "valid", "test")
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location(
+        "make_demo_data", REPO / "examples/data/make_demo_data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _answer(prompt: str) -> str:
+    """The right answer, recomputed from the prompt alone (independent of the generator)."""
+    task, _, args = re.split(r"([:?]) ", prompt, maxsplit=1)
+    xs = args.split()
+    return {
+        "Reverse the letters": lambda: " ".join(xs[::-1]),
+        "Sort the numbers": lambda: " ".join(sorted(xs)),
+        "Uppercase": lambda: " ".join(xs).upper(),
+        "How many letters": lambda: str(len(xs)),
+        "Largest number": lambda: max(xs),
+        "Add one to each": lambda: " ".join(str(int(x) + 1) for x in xs),
+    }[task]()
+
+
+def test_packaged_copy_is_identical_and_regenerates():
+    splits = _generator().make_splits()
+    for split in SPLITS:
+        packaged = (demo.DEMO_DATA / f"{split}.jsonl").read_bytes()
+        assert packaged == (EXAMPLE_DATA / f"{split}.jsonl").read_bytes()
+        expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in splits[split])
+        assert packaged.decode() == expected
+
+
+def test_answers_are_right_and_splits_disjoint():
+    prompts: dict[str, set[str]] = {}
+    for split in SPLITS:
+        rows = demo.read_split(split)
+        assert len(rows) == {"train": 2000, "valid": 100, "test": 100}[split]
+        for row in rows:
+            user, assistant = row["messages"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            assert assistant["content"] == _answer(user["content"]), user["content"]
+        prompts[split] = {r["messages"][0]["content"] for r in rows}
+        assert len(prompts[split]) == len(rows)
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["train"] & prompts["valid"]
+    assert not prompts["valid"] & prompts["test"]
+    tasks = {demo.task_of(p) for p in prompts["test"]}
+    assert len(tasks) == 6
+
+
+def test_demo_model_offline_is_one_line_error(tmp_path: Path):
+    from mlxsft.cli import main
+
+    result = CliRunner().invoke(
+        main, ["demo", "--model", "nobody-here/no-such-model", "--output", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "nobody-here/no-such-model" in lines[0]
+
+
+@pytest.mark.slow
+def test_demo_quick_learns(tmp_path: Path, monkeypatch):
+    from mlxsft.cli import main
+
+    monkeypatch.setenv("MLXSFT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--quick", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "tiny model: built" in text and "[[" in text  # inspected rows, trained tokens marked
+    m = re.search(r"val loss\s+([\d.]+) -> ([\d.]+)", text)
+    before, after = float(m.group(1)), float(m.group(2))
+    assert after < before / 2  # measured: 6.46 -> 2.10 after 120 steps
+    acc = re.search(r"exact match\s+([\d.]+)% -> ([\d.]+)%", text)
+    assert float(acc.group(1)) == 0.0 and float(acc.group(2)) > 0.0  # measured: 0% -> 13.3%
+    assert (out / "adapters" / "metrics.jsonl").is_file()
+    assert (out / "fused" / "config.json").is_file()
+    assert "fused model:" in text
+    # The second run reuses the cached tiny model.
+    model_dirs = list((tmp_path / "cache" / "demo").iterdir())
+    assert len(model_dirs) == 1 and (model_dirs[0] / "tokenizer.json").is_file()
