@@ -14,7 +14,7 @@ from mlxsft.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parents[2]
 # A real metrics.jsonl written by `mlxsft train` during the demo (see docs/demo.md).
-REAL_RUN = REPO / "examples" / "runs" / "demo"
+REAL_RUN = REPO / "examples" / "sample-run"
 
 
 def _train(step: int, loss: float, lr: float = 1e-3, tps: float = 1000.0) -> dict:
@@ -96,7 +96,7 @@ def test_cli_terminal_only_and_error(tmp_path: Path, monkeypatch):
 def test_png_from_real_metrics(tmp_path: Path):
     pytest.importorskip("matplotlib")
     if not (REAL_RUN / "metrics.jsonl").is_file():
-        pytest.skip("no recorded demo run in examples/runs/demo")
+        pytest.skip("no recorded run in examples/sample-run")
     metrics = rep.read_metrics(REAL_RUN)
     assert {r["type"] for r in metrics} == {"train", "eval"}
     out = rep.render_png(metrics, tmp_path / "r.png", size=(900, 600))
