@@ -99,3 +99,23 @@ def test_demo_quick_learns(tmp_path: Path, monkeypatch):
     # The second run reuses the cached tiny model.
     model_dirs = list((tmp_path / "cache" / "demo").iterdir())
     assert len(model_dirs) == 1 and (model_dirs[0] / "tokenizer.json").is_file()
+
+
+def test_demo_on_given_model_trains_lora(tiny_llama: Path, tmp_path: Path):
+    """`--model` path (a local dir standing in for a hub id): same flow, LoRA, short plan."""
+    plan = demo.DemoPlan("lora", iters=3, batch_size=4, max_seq_len=128, learning_rate=1e-3,
+                         n_test=3, eval_every=0, rank=4)  # fmt: skip
+    lines: list[str] = []
+    result = demo.run_demo(
+        model=str(tiny_llama), output=tmp_path / "d", echo=lines.append, plan=plan
+    )
+    text = "\n".join(lines)
+    assert "training LoRA rank 4: 3 steps" in text
+    assert (
+        json.loads((result.adapter / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+    )
+    assert (result.fused / "model.safetensors").is_file() or list(
+        result.fused.glob("*.safetensors")
+    )
+    assert len(result.after.samples) == 3 and result.answer[0] == result.after.samples[0][0]
+    assert "exact match" in text.splitlines()[-5]
