@@ -100,14 +100,15 @@ def _make_loss(head_fn: Callable[..., mx.array], cap: float | None, chunk: int) 
             h_c, t = h[s : s + chunk], targets[s : s + chunk]
             if dh:  # after the previous chunk, as in the forward pass
                 h_c = mx.depends(h_c, dh[-1])
-            u = head_fn(h_c, *ws).astype(mx.float32)  # (C, V) before capping
+            raw = head_fn(h_c, *ws)  # (C, V) in the model's dtype, before capping
+            u = raw.astype(mx.float32)
             z = mx.tanh(u / cap) * cap if cap else u
             g = mx.softmax(z, axis=-1)  # (C, V)
             g = mx.put_along_axis(g, t[:, None], mx.take_along_axis(g, t[:, None], -1) - 1, -1)
             g = g * (weights[s : s + chunk] * cotangent)[:, None]
             if cap:
                 g = g * (1 - mx.square(z / cap))  # d(cap * tanh(u / cap)) / du
-            _, grads = mx.vjp(lambda h_, *w_: head_fn(h_, *w_), [h_c, *ws], [g.astype(u.dtype)])
+            _, grads = mx.vjp(lambda h_, *w_: head_fn(h_, *w_), [h_c, *ws], [g.astype(raw.dtype)])
             dh.append(grads[0])
             dws = [a + b for a, b in zip(dws, grads[1:], strict=True)]
         return (

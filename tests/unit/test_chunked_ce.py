@@ -166,3 +166,15 @@ def test_peak_memory_is_a_fraction_of_full_logits():
     logits_bytes = 2 * 256 * 8192 * 4  # 16 MB of float32 logits
     assert peaks["plain_ce_sum"] > logits_bytes
     assert peaks["selective_ce_sum"] < 0.3 * peaks["plain_ce_sum"], peaks
+
+
+def test_bfloat16_model(tiny_checkpoint):
+    model, _ = _mlxlm.load_model(tiny_checkpoint("llama", dtype="bfloat16"))
+    assert model.model.norm.weight.dtype == mx.bfloat16
+    batch = _batch(model.args.vocab_size)
+    v0, g0 = _value_and_grads(model, plain_ce_sum, batch)
+    v1, g1 = _value_and_grads(model, selective_ce_sum, batch, chunk_size=6)
+    assert v1 == pytest.approx(v0, rel=1e-3)
+    for name in g0:  # bf16 gradients: compare relative to the gradient's scale
+        a, b = np.array(g0[name].astype(mx.float32)), np.array(g1[name].astype(mx.float32))
+        assert np.abs(a - b).max() <= 0.02 * np.abs(a).max() + 1e-6, name
