@@ -92,7 +92,7 @@ class Progress:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step)
-        epoch = (step - 1) / max(self.per_epoch, 1) + 1e-9
+        epoch = record.get("epoch", step / max(self.per_epoch, 1))
         text = (
             f"step {step}/{self.total}  epoch {epoch:.2f}  loss {loss:.4f}  "
             f"lr {record['lr']:.2e}  {tokens / secs:,.0f} tok/s  "
