@@ -38,6 +38,7 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
 
 
+@pytest.mark.slow  # two launched processes: ~40 s on a busy 2-core machine
 def test_two_ranks_equal_one_rank(tiny_llama, tmp_path):
     launcher = _launcher()
     if launcher is None:
