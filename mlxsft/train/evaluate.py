@@ -74,7 +74,8 @@ def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, A
     rows = read_split(cfg, cfg.data, split)
     loaded, _, _ = load_model(cfg, train=False)
     model = loaded.model
-    encoded, note = encode_rows(cfg, loaded.tokenizer, rows, split)
+    label = split if Path(cfg.data).is_dir() else Path(cfg.data).name
+    encoded, note = encode_rows(cfg, loaded.tokenizer, rows, label)
     loss, n = evaluate(
         make_eval_step(model),
         encoded,
@@ -84,7 +85,7 @@ def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, A
         world=init_world(),
     )
     return {
-        "split": split,
+        "split": label,  # the split of a DATA directory, else the file name
         "loss": loss,
         "perplexity": perplexity(loss),
         "tokens": n,
