@@ -156,8 +156,11 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     shape = ModelShape.from_config(config)
     a = shape.dtype_bytes
     block_params, embed_params = shape.n_params()
-    if run.quantize:  # affine groups of 64: bits/8 bytes + a scale and a bias (dtype) per group
-        weights = int((block_params + embed_params) * (run.quantize / 8 + 2 * a / 64))
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    bits = run.quantize or quant.get("bits")  # --quantize, or an already quantized checkpoint
+    if bits:  # affine groups: bits/8 bytes + a scale and a bias (dtype) per group
+        group = int(quant.get("group_size", 64))
+        weights = int((block_params + embed_params) * (bits / 8 + 2 * a / group))
     else:
         weights = (block_params + embed_params) * a
     full = run.fine_tune_type == "full"

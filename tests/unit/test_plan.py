@@ -173,3 +173,9 @@ def test_estimate_within_25_percent_of_measured_peak():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     est = estimate_peak_memory(model, **spec["run"], trained_fraction=got["trained_fraction"])
     assert 0.75 < est.total / got["peak"] < 1.25, (est.total, got["peak"])
+
+
+def test_already_quantized_checkpoint_counts_as_quantized():
+    q4 = dict(QWEN05, quantization={"bits": 4, "group_size": 64})
+    assert estimate_peak_memory(q4).weights == estimate_peak_memory(QWEN05, quantize=4).weights
+    assert estimate_peak_memory(q4).weights < 0.35 * estimate_peak_memory(QWEN05).weights
