@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,14 +81,18 @@ def test_demo_model_offline_is_one_line_error(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_demo_quick_learns(tmp_path: Path, monkeypatch):
-    from mlxsft.cli import main
+def test_demo_quick_learns(tmp_path: Path):
+    """`python -m mlxsft demo --quick` as a user runs it (a subprocess, so the OpenBLAS preload
+    of `mlxsft.blas` applies as it does on the command line)."""
+    from mlxsft.blas import preload_env
 
-    monkeypatch.setenv("MLXSFT_CACHE", str(tmp_path / "cache"))
+    env = preload_env()
+    env.update(MLXSFT_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--quick", "--output", str(out)])
-    assert result.exit_code == 0, result.output
-    text = result.output
+    cmd = [sys.executable, "-m", "mlxsft", "demo", "--quick", "--output", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
     assert "tiny model: built" in text and "[[" in text  # inspected rows, trained tokens marked
     m = re.search(r"val loss\s+([\d.]+) -> ([\d.]+)", text)
     before, after = float(m.group(1)), float(m.group(2))
@@ -96,8 +102,7 @@ def test_demo_quick_learns(tmp_path: Path, monkeypatch):
     assert (out / "adapters" / "metrics.jsonl").is_file()
     assert (out / "fused" / "config.json").is_file()
     assert "fused model:" in text
-    # The second run reuses the cached tiny model.
-    model_dirs = list((tmp_path / "cache" / "demo").iterdir())
+    model_dirs = list((tmp_path / "cache" / "demo").iterdir())  # built once, then reused
     assert len(model_dirs) == 1 and (model_dirs[0] / "tokenizer.json").is_file()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -78,7 +77,9 @@ def test_distributed_example_two_processes(tiny_llama: Path, tmp_path: Path):
     cmd += ["--env", "HF_HUB_OFFLINE=1", "--", sys.executable, "-m", "mlxsft"]
     cmd += ["train", "-c", str(EXAMPLES / "distributed.yaml"), "--model", str(tiny_llama)]
     cmd += ["--output", str(out), *OVERRIDES]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    from mlxsft.blas import preload_env
+
+    env = dict(preload_env(), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
