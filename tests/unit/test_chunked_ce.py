@@ -178,3 +178,36 @@ def test_bfloat16_model(tiny_checkpoint):
     for name in g0:  # bf16 gradients: compare relative to the gradient's scale
         a, b = np.array(g0[name].astype(mx.float32)), np.array(g1[name].astype(mx.float32))
         assert np.abs(a - b).max() <= 0.02 * np.abs(a).max() + 1e-6, name
+
+
+def test_compiled_train_step_same_update_as_full_logits(tiny_llama):
+    """The engine's compiled LoRA step: selective head == full-logits head, loss and update."""
+    import mlx.optimizers as optim
+
+    from mlxsft.data.batching import Batch
+    from mlxsft.model.lora import apply_adapters
+    from mlxsft.train.loss import FULL_HEAD, selective_head
+    from mlxsft.train.step import make_train_step
+
+    inputs, targets, tmask, _ = _batch(512)
+    seg = np.ones((B, L), np.int32)
+    seg[0, 10:] = 2
+    seg[1, 20:] = 0
+    batch = Batch(
+        np.array(inputs), np.array(targets), np.array(tmask), seg, int(np.array(tmask).sum())
+    )
+    results = []
+    for head in (FULL_HEAD, selective_head()):
+        model, _ = _mlxlm.load_model(tiny_llama)
+        mx.random.seed(0)
+        apply_adapters(model, rank=4)
+        step = make_train_step(model, optim.Adam(1e-2), max_grad_norm=None, head=head)
+        loss, n = step([batch])
+        loss2, _ = step([batch])
+        params = dict(tree_flatten(model.trainable_parameters()))
+        results.append((loss, loss2, n, params))
+    (l0, l0b, n0, p0), (l1, l1b, n1, p1) = results
+    assert n0 == n1 == batch.n_trained
+    assert l1 == pytest.approx(l0, rel=1e-5) and l1b == pytest.approx(l0b, rel=1e-4)
+    for name in p0:
+        np.testing.assert_allclose(np.array(p1[name]), np.array(p0[name]), atol=1e-4)
