@@ -368,6 +368,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, nargs="*", default=[32768, 131072], help="vocab sizes")
     ap.add_argument("--no-plan", action="store_true", help="skip the plan-vs-measured check")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     base = (
@@ -434,6 +435,7 @@ def main() -> int:
         p_ok = good >= min(3, len(prow))
         lines.append(f"plan within +-25%: {good}/{len(prow)} {'ok' if p_ok else 'MISSED'}")
         all_ok &= p_ok
+    lines.append(f"benchmark wall time: {time.perf_counter() - t_start:.0f} s")
     print("\n".join(lines))
     print("ALL TARGETS MET" if all_ok else "SOME TARGETS MISSED")
     return 0 if all_ok else 1
