@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from mlxsft.cli import main
@@ -63,6 +64,9 @@ def test_train_loss_falls_and_mlx_lm_loads_adapter(arch, request, data_dir, tmp_
     assert "done: 20 steps" in result.output
     for name in ("adapters.safetensors", "adapter_config.json", "config.yaml", "best"):
         assert (out / name).exists(), name
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["iters"], saved["learning_rate"], saved["rank"]) == (20, 0.01, 8)
+    assert saved["model"] == str(model_dir) and saved["optimizer"] == "adamw"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step-0000010",
         "step-0000020",
