@@ -66,7 +66,7 @@ def test_two_ranks_equal_one_rank(tiny_llama, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0 and any(
-        s in output.lower() for s in ("couldn't", "could not", "connect", "bind", "address")
+        s in output for s in ("[ring]", "Address already in use", "Connection refused")
     ):
         pytest.skip(f"the ring backend cannot start here: {output.strip().splitlines()[-1]}")
     assert proc.returncode == 0, output
