@@ -34,8 +34,10 @@ def _free_port() -> int:
 
 
 def _losses(out: Path) -> list[float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
+    """Train losses of every step, then the final validation loss."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in records if r["type"] == "train"]
+    return train + [r["val_loss"] for r in records if r["type"] == "eval"]
 
 
 @pytest.mark.slow  # two launched processes: ~40 s on a busy 2-core machine
@@ -43,14 +45,14 @@ def test_two_ranks_equal_one_rank(tiny_llama, tmp_path):
     launcher = _launcher()
     if launcher is None:
         pytest.skip("mlx.launch is not installed")
-    data = tmp_path / "train.jsonl"
-    data.write_text(
-        "\n".join(
-            json.dumps({"messages": [{"role": "user", "content": q},
-                                     {"role": "assistant", "content": a}]})
-            for q, a in ROWS
-        ) + "\n"
-    )  # fmt: skip
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        for q, a in ROWS
+    ]  # fmt: skip
+    (data / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (data / "valid.jsonl").write_text("\n".join(rows[::2]) + "\n")  # evaluated at the end
     one = tmp_path / "one"
     train(resolve({"model": str(tiny_llama), "data": str(data), "output": str(one), **COMMON}))
 
@@ -78,5 +80,6 @@ def test_two_ranks_equal_one_rank(tiny_llama, tmp_path):
     assert set(a) == set(b)
     assert max(mx.abs(a[k] - b[k]).max().item() for k in a) <= 1e-5
     assert max(mx.abs(a[k]).max().item() for k in a if "lora_b" in k) > 1e-4  # it did train
+    assert len(_losses(one)) == 3  # 2 steps + the final evaluation
     assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
     assert not (two / "checkpoints" / ".tmp").exists()
