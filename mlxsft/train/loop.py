@@ -199,8 +199,9 @@ class _Run:
         if warning:
             log(warning)
         n_train, n_total = n_parameters(self.model)
+        kind = self.prep.adapter_config.get("fine_tune_type", cfg.fine_tune_type)
         log(
-            f"{cfg.fine_tune_type}: {n_train:,} trainable of {n_total:,} parameters "
+            f"{kind}: {n_train:,} trainable of {n_total:,} parameters "
             f"({100 * n_train / max(n_total, 1):.3f}%); "
             f"{'packed' if self.prep.pack else 'padded'} rows of {cfg.max_seq_len}; "
             f"{len(self.plans)} steps per epoch; {self.total} steps; {self.world.size} rank(s)"
