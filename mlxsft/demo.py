@@ -200,9 +200,9 @@ def show_examples(model: str, data: Path, *, n: int, echo: Callable[[str], None]
     color = sys.stdout.isatty()
     mark = "green" if color else "inside [[...]]"
     echo(f"training examples (trained tokens {mark}; everything else is context):")
-    for enc in encoded:
+    for i, enc in enumerate(encoded):
         text = marked_text(tokenizer, enc.input_ids, enc.loss_mask, color=color).strip()
-        echo("\n".join("    " + line for line in text.splitlines()))
+        echo(("\n" if i else "") + "\n".join("    " + line for line in text.splitlines()))
 
 
 def _score_line(name: str, s: Score) -> str:
@@ -257,8 +257,8 @@ def run_demo(
     after = score(cfg, test_rows, adapter=str(result.output))
     echo(_score_line("after", after))
     for prompt, want, got in after.samples[:6]:
-        verdict = "ok   " if got == want else f"wrong (want {want!r})"
-        echo(f"  {prompt!r} -> {got!r}  {verdict}")
+        verdict = "  right" if got == want else f"  wrong (want {want!r})"
+        echo(f"  {prompt!r} -> {got!r}{verdict}")
 
     echo("\n== 6/6 fuse the adapter into the model and ask it one question")
     fused = out / "fused"

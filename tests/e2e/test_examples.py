@@ -25,7 +25,18 @@ TINY_FOR = {
     "dora.yaml": "tiny_llama",
     "distributed.yaml": "tiny_llama",
 }
-OVERRIDES = ["--iters", "2", "--eval-every", "0", "--save-every", "0", "--steps-per-report", "1"]
+OVERRIDES = [
+    "--iters",
+    "2",
+    "--max-seq-len",
+    "128",
+    "--eval-every",
+    "0",
+    "--save-every",
+    "0",
+    "--steps-per-report",
+    "1",
+]
 
 
 def test_every_example_is_covered_and_valid():
