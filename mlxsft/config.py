@@ -22,6 +22,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_ON = ("responses", "last", "all")
 DATA_FORMATS = ("auto", "chat", "alpaca", "completion", "text")
 QUANTIZE_BITS = (4, 8)
+LOSS_HEADS = ("selective", "full")
 
 # Spellings other tools use for the same setting (mlx-lm YAML / TRL), accepted in config files.
 KEY_ALIASES = {
@@ -81,6 +82,9 @@ class TrainConfig:
     seed: int = 0
     max_grad_norm: float | None = None  # global-norm clipping; None = off
     grad_checkpoint: bool = False
+    # selective: the LM head runs only at trained positions, in chunks (no (B, L, V) logits);
+    # full: plain logits. Same loss and gradients; unknown architectures fall back to full.
+    loss: str = "selective"
     # bookkeeping
     eval_every: int = 200  # steps; 0 = only at the end
     save_every: int = 100  # steps; 0 = only at the end
@@ -94,6 +98,7 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("train_on", self.train_on, TRAIN_ON)
         _choice("format", self.format, DATA_FORMATS)
+        _choice("loss", self.loss, LOSS_HEADS)
         if self.quantize is not None:
             _choice("quantize", self.quantize, QUANTIZE_BITS)
         for key in ("rank", "batch_size", "grad_accum", "steps_per_report"):

@@ -76,6 +76,12 @@ def _data_options(f):
 )
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help=_d("grad_checkpoint"))
 @click.option(
+    "--loss",
+    type=click.Choice(C.LOSS_HEADS),
+    help="selective: LM head only at trained positions, chunked (less memory); full: plain logits."
+    + _d("loss"),
+)
+@click.option(
     "--eval-every", type=int, help="Validate every N steps, 0: at the end." + _d("eval_every")
 )
 @click.option(

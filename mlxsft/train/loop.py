@@ -109,6 +109,7 @@ class _Run:
     """One training run: set up in __init__, then `run()`."""
 
     def __init__(self, cfg: TrainConfig, stream: Any = None):
+        from mlxsft.train.loss import head_for
         from mlxsft.train.schedule import build_optimizer, build_schedule
         from mlxsft.train.setup import prepare
         from mlxsft.train.step import enable_grad_checkpoint, make_eval_step, make_train_step
@@ -156,8 +157,9 @@ class _Run:
             max_grad_norm=cfg.max_grad_norm,
             all_reduce=world.all_reduce,
             compile=_compile_ok(world, self.model),
+            head=head_for(cfg.loss),
         )
-        self.eval_fn = make_eval_step(self.model)
+        self.eval_fn = make_eval_step(self.model, head=head_for(cfg.loss))
         self.last_loss: float | None = None
         self.val_loss: float | None = None
         self.logged_compile = False

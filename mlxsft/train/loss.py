@@ -86,3 +86,8 @@ def ce_sum(
     target_mask = target_mask.astype(mx.float32)
     total = head.ce(model, inputs, attn_mask, targets, target_mask, n_select)
     return total.astype(mx.float32), target_mask.sum()
+
+
+def head_for(name: str) -> LossHead:
+    """The LossHead a config's `loss` names ("selective" or "full")."""
+    return selective_head() if name == "selective" else FULL_HEAD
