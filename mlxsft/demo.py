@@ -55,7 +55,7 @@ class DemoPlan:
 # FULL takes ~2-3 min on 2 CPU cores; QUICK is the CI run (< 60 s) and still learns.
 FULL = DemoPlan("full", iters=1500, batch_size=8, max_seq_len=128, learning_rate=1e-3,
                 n_test=100, eval_every=250)  # fmt: skip
-QUICK = DemoPlan("full", iters=120, batch_size=8, max_seq_len=128, learning_rate=2e-3,
+QUICK = DemoPlan("full", iters=300, batch_size=8, max_seq_len=128, learning_rate=1e-3,
                  n_test=30, eval_every=60)  # fmt: skip
 HUB = DemoPlan("lora", iters=200, batch_size=4, max_seq_len=512, learning_rate=2e-4,
                n_test=30, eval_every=100, rank=16)  # fmt: skip

@@ -96,9 +96,9 @@ def test_demo_quick_learns(tmp_path: Path):
     assert "tiny model: built" in text and "[[" in text  # inspected rows, trained tokens marked
     m = re.search(r"val loss\s+([\d.]+) -> ([\d.]+)", text)
     before, after = float(m.group(1)), float(m.group(2))
-    assert after < before / 2  # measured: 6.46 -> 2.10 after 120 steps
+    assert after < before / 3  # measured: 6.46 -> 1.33 after 300 steps
     acc = re.search(r"exact match\s+([\d.]+)% -> ([\d.]+)%", text)
-    assert float(acc.group(1)) == 0.0 and float(acc.group(2)) > 0.0  # measured: 0% -> 13.3%
+    assert float(acc.group(1)) == 0.0 and float(acc.group(2)) >= 20.0  # measured: 0% -> 43.3%
     assert (out / "adapters" / "metrics.jsonl").is_file()
     assert (out / "fused" / "config.json").is_file()
     assert "fused model:" in text
