@@ -219,8 +219,6 @@ def run_demo(
     plan: DemoPlan | None = None,
 ) -> DemoResult:
     """The whole demo; returns the before/after scores (see the module docstring)."""
-    from mlxsft.export.fuse import fuse_model
-    from mlxsft.generate import Generator, SamplingParams
     from mlxsft.train.loop import train
 
     t0 = time.perf_counter()
@@ -228,14 +226,7 @@ def run_demo(
     tiny = model is None
     plan = plan or (QUICK if quick else FULL if tiny else HUB)
     echo("== 1/6 model")
-    if tiny:
-        model = str(tiny_model(echo=echo))
-    else:
-        from mlxsft.model.loading import resolve_model_path
-
-        model = str(resolve_model_path(model))  # downloads once; a clear error when offline
-        echo(f"model: {model}")
-    assert model is not None
+    model = _resolve_model(model, echo)
     data = DEMO_DATA
     cfg = demo_config(model, data, out, plan)
     test_rows = read_split("test", data)[: plan.n_test]
@@ -262,12 +253,7 @@ def run_demo(
 
     echo("\n== 6/6 fuse the adapter into the model and ask it one question")
     fused = out / "fused"
-    fuse_model(model, result.output, fused, echo=lambda line: echo("  " + line))
-    generator = Generator.load(str(fused))
-    question = test_rows[0]["messages"][:-1]
-    reply = generator.generate(generator.prompt_ids(question), SamplingParams(max_tokens=24))
-    answer = (question[-1]["content"], reply.text.strip())
-    echo(f"  user: {answer[0]}\n  fused model: {answer[1]}")
+    answer = fuse_and_answer(model, result.output, fused, test_rows[0]["messages"][:-1], echo)
 
     res = DemoResult(before, after, out, result.output, fused, answer, train_s, 0.0)
     res.total_s = time.perf_counter() - t0
@@ -275,16 +261,42 @@ def run_demo(
     return res
 
 
+def _resolve_model(model: str | None, echo: Callable[[str], None]) -> str:
+    """The tiny demo model (built or cached), or MODEL as a local directory."""
+    if model is None:
+        return str(tiny_model(echo=echo))
+    from mlxsft.model.loading import resolve_model_path
+
+    path = str(resolve_model_path(model))  # downloads once; a one-line error when offline
+    echo(f"model: {path}")
+    return path
+
+
+def fuse_and_answer(
+    model: str, adapter: Path, fused: Path, question: list[dict], echo: Callable[[str], None]
+) -> tuple[str, str]:
+    """Fuse `adapter` into `model` at `fused`, then answer `question` greedily with it."""
+    from mlxsft.export.fuse import fuse_model
+    from mlxsft.generate import Generator, SamplingParams
+
+    fuse_model(model, adapter, fused, echo=lambda line: echo("  " + line))
+    generator = Generator.load(str(fused))
+    reply = generator.generate(generator.prompt_ids(question), SamplingParams(max_tokens=24))
+    answer = (question[-1]["content"], reply.text.strip())
+    echo(f"  user: {answer[0]}\n  fused model: {answer[1]}")
+    return answer
+
+
 def summary(r: DemoResult) -> str:
     """The closing table: before/after loss and accuracy, time, where things are."""
     lines = [
         "summary",
-        f"  val loss        {r.before.val_loss:8.3f} -> {r.after.val_loss:.3f}",
-        f"  exact match     {100 * r.before.accuracy:7.1f}% -> {100 * r.after.accuracy:.1f}%"
-        f"  (held-out test prompts)",
-        f"  time            {r.train_s:.0f} s training, {r.total_s:.0f} s in all",
-        f"  adapter         {r.adapter}",
-        f"  fused model     {r.fused}",
-        f"  next            mlxsft report {r.adapter}   |   mlxsft chat --model {r.fused}",
+        f"  val loss      {r.before.val_loss:7.3f}  -> {r.after.val_loss:7.3f}",
+        f"  exact match   {100 * r.before.accuracy:6.1f}%  -> {100 * r.after.accuracy:6.1f}%"
+        "   (held-out test prompts)",
+        f"  time          {r.train_s:.0f} s training, {r.total_s:.0f} s in all",
+        f"  adapter       {r.adapter}",
+        f"  fused model   {r.fused}",
+        f"  next          mlxsft report {r.adapter}   |   mlxsft chat --model {r.fused}",
     ]
     return "\n".join(lines)

@@ -94,10 +94,10 @@ def test_demo_quick_learns(tmp_path: Path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     assert "tiny model: built" in text and "[[" in text  # inspected rows, trained tokens marked
-    m = re.search(r"val loss\s+([\d.]+) -> ([\d.]+)", text)
+    m = re.search(r"val loss\s+([\d.]+)\s+->\s+([\d.]+)", text)
     before, after = float(m.group(1)), float(m.group(2))
     assert after < before / 3  # measured: 6.46 -> 1.33 after 300 steps
-    acc = re.search(r"exact match\s+([\d.]+)% -> ([\d.]+)%", text)
+    acc = re.search(r"exact match\s+([\d.]+)%\s+->\s+([\d.]+)%", text)
     assert float(acc.group(1)) == 0.0 and float(acc.group(2)) >= 20.0  # measured: 0% -> 43.3%
     assert (out / "adapters" / "metrics.jsonl").is_file()
     assert (out / "fused" / "config.json").is_file()
