@@ -24,6 +24,8 @@ PANELS: tuple[tuple[str, str, str], ...] = (
     ("learning rate", "train", "lr"),
     ("tokens/s", "train", "tokens_per_sec"),
 )
+LOG_PANELS = ("train loss", "val loss")  # log scale when positive and spanning > LOG_RATIO
+LOG_RATIO = 20.0
 _BLOCKS = " ▁▂▃▄▅▆▇█"  # 0..8 eighths of a cell
 _LABEL = 9  # width of the y-axis label column
 
@@ -101,7 +103,12 @@ def _panel(title: str, points, lo: float, hi: float, width: int, height: int) ->
         return [f"{title}: no data"]
     first, last, vmin, vmax = values[0], values[-1], min(values), max(values)
     head = f"{title}: first {_fmt(first)}  last {_fmt(last)}  min {_fmt(vmin)}  max {_fmt(vmax)}"
+    log = title in LOG_PANELS and vmin > 0 and vmax / vmin > LOG_RATIO
+    if log:  # a falling loss spans decades: a linear axis would flatten everything after step 50
+        head += "  (log scale)"
+        points = [(step, math.log10(v)) for step, v in points]
     cols = _columns(points, lo, hi, width)
+    lo_v, hi_v = (math.log10(vmin), math.log10(vmax)) if log else (vmin, vmax)
     levels = height * 8
     rows = []
     for r in range(height):
@@ -112,7 +119,7 @@ def _panel(title: str, points, lo: float, hi: float, width: int, height: int) ->
                 cells.append(" ")
                 continue
             # At least one eighth, so the minimum is still visible.
-            level = 1 + round((v - vmin) / (vmax - vmin) * (levels - 1)) if vmax > vmin else 1
+            level = 1 + round((v - lo_v) / (hi_v - lo_v) * (levels - 1)) if hi_v > lo_v else 1
             cells.append(_BLOCKS[max(0, min(8, level - bottom))])
         label = _fmt(vmax) if r == 0 else _fmt(vmin) if r == height - 1 else ""
         rows.append(f"{label:>{_LABEL - 1}} │{''.join(cells)}")

@@ -60,6 +60,13 @@ def test_chart_shape_and_levels():
     assert lines[-1].split() == ["step", "1", "10"]
 
 
+def test_loss_spanning_decades_is_log_scaled():
+    metrics = [_train(s, loss=10.0 ** (1 - s)) for s in range(1, 5)]  # 1, 0.1, 0.01, 0.001
+    chart = rep.render_terminal_chart(metrics, width=4, height=1)
+    assert "train loss: first 1  last 0.001  min 0.001  max 1  (log scale)" in chart
+    assert _plot_rows(chart)[0] == "█▆▃▁"  # even steps on a log axis (levels 8, 6, 3, 1)
+
+
 def test_chart_without_eval_and_empty():
     chart = rep.render_terminal_chart([_train(1, 2.0), _train(2, 1.0)], width=4, height=2)
     assert "val loss: no data" in chart
