@@ -193,12 +193,17 @@ def render_png(
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, label=title, marker="o" if kind == "eval" else None, markersize=3)
+    losses = [v for _, v in series(metrics, "train", "loss") + series(metrics, "eval", "val_loss")]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > LOG_RATIO:
+        loss_ax.set_yscale("log")
     loss_ax.set_title("loss")
     loss_ax.legend()
     val = series(metrics, "eval", "val_ppl")
     if val:
         xs, ys = zip(*val, strict=True)
         axes[1].plot(xs, ys, marker="o", markersize=3, color="tab:orange")
+        if min(ys) > 0 and max(ys) / min(ys) > LOG_RATIO:
+            axes[1].set_yscale("log")
     axes[1].set_title("validation perplexity")
     axes[2].set_title("learning rate")
     axes[3].set_title("tokens/s")
