@@ -159,31 +159,9 @@ def run_mlx_lm(model: Path, data: Path, out: Path, s: Setting, n_steps: int) -> 
     return {"wall": wall, "peak_gb": int(peak[-1]) / 1e9 if peak else float("nan")}
 
 
-# `mlxsft train` with the selective loss head forced on: a what-if for when train/loop.py does
-# not pass `head=selective_head()` to its steps yet (benchmark only; labelled in the table).
-SELECTIVE_TRAIN = """
-import sys
-from mlxsft.train import loss, step
-head = loss.selective_head()
-for name in ("make_train_step", "make_eval_step"):
-    orig = getattr(step, name)
-    setattr(step, name, lambda *a, _o=orig, **k: _o(*a, **{**k, "head": head}))
-from mlxsft.cli import main
-sys.argv = ["mlxsft", *sys.argv[1:]]
-main()
-"""
-
-
-def selective_wired() -> bool:
-    """True when `mlxsft train` already uses the selective loss head."""
-    users = [p for p in (ROOT / "mlxsft" / "train").glob("*.py") if p.stem not in ("loss", "step")]
-    return any("selective_head" in p.read_text() for p in users)
-
-
-def run_mlxsft(model: Path, data: Path, out: Path, s: Setting, force_selective=False) -> dict:
-    launcher = ["-c", SELECTIVE_TRAIN] if force_selective else ["-m", "mlxsft"]
+def run_mlxsft(model: Path, data: Path, out: Path, s: Setting, loss: str = "selective") -> dict:
     cmd = [
-        sys.executable, *launcher, "train", "--model", str(model), "--data", str(data),
+        sys.executable, "-m", "mlxsft", "train", "--loss", loss, "--model", str(model), "--data", str(data),
         "--output", str(out), "--no-pack", "--batch-size", str(s.batch_size),
         "--max-seq-len", str(s.max_seq_len), "--epochs", "1", "--learning-rate", str(s.lr),
         "--optimizer", "adam", "--rank", str(s.rank), "--alpha", str(2.0 * s.rank),
@@ -221,7 +199,7 @@ def plan_estimate(model: Path, data: Path, s: Setting, selective: bool) -> int:
 
     cfg = TrainConfig(
         model=str(model), data=str(data), batch_size=s.batch_size, max_seq_len=s.max_seq_len,
-        pack=False, rank=s.rank, optimizer="adam",
+        pack=False, rank=s.rank, optimizer="adam", loss="selective",
     ).validate()  # fmt: skip
     encoded, _ = encode_split(cfg, load_tokenizer(str(model)), str(data), "train")
     shape = run_shape(cfg, profile_data(encoded, run_shape(cfg), pack=False))
@@ -309,17 +287,19 @@ def _row(name, theirs, ours, ratio, target, ok) -> str:
     return f"| {name} | {theirs} | {ours} | {ratio} | {target} | {flag} |"
 
 
-def compare(work: Path, s: Setting, label: str) -> tuple[list[str], bool, dict]:
+def compare(
+    work: Path, s: Setting, label: str, ablation: bool = False
+) -> tuple[list[str], bool, dict]:
     model, data = build(work, s)
     steps = n_steps_mlx_lm(data, s)
     print(f"[{label}] mlx_lm.lora: {steps} steps ...", flush=True)
     theirs = run_mlx_lm(model, data, work / f"out-mlxlm-{label}", s, steps)
     print(f"[{label}] mlxsft train ...", flush=True)
     ours = run_mlxsft(model, data, work / f"out-mlxsft-{label}", s)
-    what_if = None
-    if not selective_wired():
-        print(f"[{label}] mlxsft train, selective head forced (what-if) ...", flush=True)
-        what_if = run_mlxsft(model, data, work / f"out-mlxsft-sel-{label}", s, True)
+    full = None
+    if ablation:
+        print(f"[{label}] mlxsft train --loss full (ablation) ...", flush=True)
+        full = run_mlxsft(model, data, work / f"out-mlxsft-full-{label}", s, "full")
     print(f"[{label}] validation ...", flush=True)
     v_theirs = val_loss(model, data, work / f"out-mlxlm-{label}", s)
     v_ours = val_loss(model, data, work / f"out-mlxsft-{label}", s)
@@ -344,17 +324,16 @@ def compare(work: Path, s: Setting, label: str) -> tuple[list[str], bool, dict]:
         _row("final validation loss", f"{v_theirs:.4f}", f"{v_ours:.4f}", f"{v_ratio:.3f}x",
              "<= 1.02x", oks[2]),
     ]  # fmt: skip
-    if what_if is not None:
-        w_t, w_m = what_if["wall"] / theirs["wall"], what_if["peak_gb"] / theirs["peak_gb"]
+    if full is not None:
+        f_t, f_m = full["wall"] / theirs["wall"], full["peak_gb"] / theirs["peak_gb"]
         rows += [
-            _row("what-if: selective head, wall (s)", "", f"{what_if['wall']:.1f}",
-                 f"{w_t:.2f}x", "<= 0.5x", None),
-            _row("what-if: selective head, peak (GB)", "", f"{what_if['peak_gb']:.3f}",
-                 f"{w_m:.2f}x", "<= 0.5x", None),
+            _row("ablation: mlxsft --loss full, wall (s)", "", f"{full['wall']:.1f}",
+                 f"{f_t:.2f}x", "", None),
+            _row("ablation: mlxsft --loss full, peak (GB)", "", f"{full['peak_gb']:.3f}",
+                 f"{f_m:.2f}x", "", None),
         ]  # fmt: skip
-    sel_run = what_if or ours
     est = plan_estimate(model, data, s, selective=True)
-    extra = {"plan": (f"mlxsft train run above ({label}, selective head)", est, sel_run)}
+    extra = {"plan": (f"the mlxsft train run above ({label})", est, ours)}
     extra.update(
         {"flops": flops, "walls": (theirs["wall"], ours["wall"]), "ours": ours, "model": model}
     )
@@ -399,7 +378,7 @@ def main() -> int:
         s = Setting(**{**base.__dict__, "vocab": vocab})
         if i > 0:  # the larger-vocab variant on an eighth of the data keeps the run short
             s.n_train, s.n_valid = max(8, s.n_train // 8), max(4, s.n_valid // 3)
-        rows, ok, extra = compare(work, s, f"V{vocab // 1024}k")
+        rows, ok, extra = compare(work, s, f"V{vocab // 1024}k", ablation=i == 0)
         model0 = model0 or extra["model"]
         plan_rows.append(extra["plan"])
         mfu = [extra["flops"] / w / (fast["gflops"] * 1e9) for w in extra["walls"]]

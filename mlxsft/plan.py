@@ -356,6 +356,7 @@ def run_shape(cfg, profile: DataProfile | None = None) -> RunShape:
         num_layers=cfg.num_layers,
         quantize=cfg.quantize,
         grad_checkpoint=cfg.grad_checkpoint,
+        selective_loss=getattr(cfg, "loss", "selective") == "selective",
         trained_fraction=profile.trained_fraction if profile else 1.0,
         row_len=profile.row_len if profile else None,
     )

@@ -23,6 +23,7 @@ import click
 @click.option("--num-layers", type=int, help="Adapt the last N blocks, -1 = all. [-1]")
 @click.option("--quantize", type=click.Choice(["4", "8"]), help="Quantize the base on load.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="[off]")
+@click.option("--loss", type=click.Choice(["selective", "full"]), help="LM-head loss. [selective]")
 @click.option(
     "--memory-budget",
     help="e.g. 16GB. [Apple silicon: Metal's recommended working set; else physical memory]",

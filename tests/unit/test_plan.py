@@ -179,3 +179,10 @@ def test_already_quantized_checkpoint_counts_as_quantized():
     q4 = dict(QWEN05, quantization={"bits": 4, "group_size": 64})
     assert estimate_peak_memory(q4).weights == estimate_peak_memory(QWEN05, quantize=4).weights
     assert estimate_peak_memory(q4).weights < 0.35 * estimate_peak_memory(QWEN05).weights
+
+
+def test_run_shape_follows_the_loss_flag():
+    from mlxsft.config import TrainConfig
+
+    assert plan.run_shape(TrainConfig(model="m", data="d")).selective_loss is True
+    assert plan.run_shape(TrainConfig(model="m", data="d", loss="full")).selective_loss is False
