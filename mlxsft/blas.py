@@ -47,9 +47,11 @@ def _bundled_reference_blas() -> Path | None:
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         return None
-    site = Path(next(iter(spec.submodule_search_locations))).parent
-    libs = sorted((site / "mlx_cpu.libs").glob("libblas-*.so*"))
-    return libs[0] if libs else None
+    for location in spec.submodule_search_locations:  # a namespace package may have several
+        libs = sorted((Path(location).parent / "mlx_cpu.libs").glob("libblas-*.so*"))
+        if libs:
+            return libs[0]
+    return None
 
 
 def _openblas_loaded() -> bool:

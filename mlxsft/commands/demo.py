@@ -26,11 +26,9 @@ def demo(quick: bool, model: str | None, output: str) -> None:
     """Fine-tune a tiny model offline and watch it learn held-out tasks (about 3 minutes).
 
     Builds a tiny model (cached under $MLXSFT_CACHE or ~/.cache/mlxsft), shows trained tokens,
-    scores held-out prompts, trains a LoRA adapter, scores again, fuses and answers a prompt.
+    scores held-out prompts, trains (all weights of the tiny model; LoRA with --model), scores
+    again, fuses and answers a prompt.
     """
-    from mlxsft.blas import maybe_reexec_with_fast_blas
-
-    maybe_reexec_with_fast_blas()  # before mlx is imported: OpenBLAS makes the demo ~10x faster
     from mlxsft.demo import run_demo
 
     run_demo(quick=quick, model=model, output=output, echo=click.echo)

@@ -8,6 +8,7 @@ file; the defaults shown in `--help` are read from `mlxsft.config.TrainConfig`, 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -100,7 +101,12 @@ def train(config_path, **flags) -> None:  # fmt: skip
 
     if flags.get("quantize") is not None:
         flags["quantize"] = int(flags["quantize"])
-    run(C.resolve(flags, config_path))
+    result = run(C.resolve(flags, config_path))
+    metrics = Path(result.output) / "metrics.jsonl"
+    if metrics.is_file():  # rank 0 only writes it
+        from mlxsft.report import read_metrics, render_terminal_chart
+
+        click.echo(render_terminal_chart(read_metrics(metrics)), err=True)
 
 
 @click.command("eval")
