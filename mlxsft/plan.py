@@ -393,4 +393,7 @@ def report(
                 f"does not fit; recommended: {' '.join(rec.changes)} "
                 f"(~{fmt_bytes(rec.estimate.total)})"
             )
-    return "\n".join(lines + [f"note: {n}" for n in est.notes]), fits
+    notes = list(est.notes)
+    if profile is None:
+        notes.append("no --data: assumed full rows, every position trained (an upper bound)")
+    return "\n".join(lines + [f"note: {n}" for n in notes]), fits
