@@ -259,7 +259,9 @@ def test_selective_head_step_equals_full(request, fixture):
     for head in (None, selective_head(chunk_size=16)):
         model = lora_model(path)
         kw = {} if head is None else {"head": head}
-        step = make_train_step(model, optim.AdamW(1e-2), max_grad_norm=1.0, **kw)
+        # SGD: the update is linear in the gradient, so weights compare gradients; Adam's
+        # normalisation would magnify float-rounding differences of near-zero gradients.
+        step = make_train_step(model, optim.SGD(learning_rate=0.5), max_grad_norm=1.0, **kw)
         losses = [step([b])[0] for b in batches[:3]] + [step(batches[3].split(2))[0]]
         eval_step = make_eval_step(model, **kw)
         runs.append((losses, weights(model), float(eval_step(batches[0])[0]), step.n_compilations))
@@ -268,7 +270,7 @@ def test_selective_head_step_equals_full(request, fixture):
     assert e2 == pytest.approx(e1, rel=1e-5)
     assert c1 == 4 and 4 <= c2 <= 1 + 2 * 8  # bounded by the head's buckets
     for k in w1:
-        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=2e-5, err_msg=k)  # Adam: lr 1e-2
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_grouped_all_reduce(monkeypatch):

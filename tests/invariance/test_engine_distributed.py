@@ -42,7 +42,8 @@ SCRIPT = textwrap.dedent(
     batches = epoch_batches(data, batch_size=4, max_seq_len=32, pack=True, seed=0, epoch=0)
     size, rank = group.size(), group.rank()
     reduce = (lambda x: mx.distributed.all_sum(x, group=group)) if size > 1 else None
-    step = make_train_step(model, optim.AdamW(1e-2), max_grad_norm=1.0, all_reduce=reduce)
+    # SGD: weights compare gradients directly (Adam magnifies rounding of near-zero grads)
+    step = make_train_step(model, optim.SGD(learning_rate=0.5), max_grad_norm=1.0, all_reduce=reduce)
     out = [step(b.split(size)[rank].split(2)) for b in batches[:3]]
     if rank == 0:
         w = {k: np.array(v).tolist() for k, v in tree_flatten(model.trainable_parameters())}
@@ -68,4 +69,4 @@ def test_two_ranks_equal_one_rank(tmp_path, tiny_llama):
     for (l1, n1), (l2, n2) in zip(one["out"], two["out"], strict=True):
         assert n1 == n2 and l1 == pytest.approx(l2, rel=1e-5)
     for k, w in one["w"].items():
-        np.testing.assert_allclose(two["w"][k], w, rtol=1e-5, atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(two["w"][k], w, rtol=1e-5, atol=1e-6, err_msg=k)
