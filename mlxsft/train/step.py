@@ -137,14 +137,21 @@ class TrainStep:
 
 def _reduce_grouped(all_reduce: AllReduce, tree: Any) -> Any:
     """`all_reduce` every leaf, concatenating same-dtype leaves into messages of at most
-    REDUCE_GROUP elements (one collective per group instead of one per LoRA matrix)."""
+    REDUCE_GROUP elements (one collective per group instead of one per LoRA matrix). Each message
+    depends on the previous one's result: inside one compiled graph, independent collectives could
+    otherwise run in a different order on each rank and mix up the sums."""
     leaves, out = tree_flatten(tree), []
     group: list[tuple[str, mx.array]] = []
+    previous: list[mx.array] = []  # the last collective's output
 
     def flush() -> None:
         if not group:
             return
-        flat = all_reduce(mx.concatenate([g.reshape(-1) for _, g in group]))
+        message = mx.concatenate([g.reshape(-1) for _, g in group])
+        if previous:  # chain the collectives: every rank runs them in the same order
+            message = mx.depends(message, previous[-1])
+        flat = all_reduce(message)
+        previous[:] = [flat]
         bounds = np.cumsum([g.size for _, g in group])[:-1].tolist()
         for (name, g), part in zip(group, mx.split(flat, bounds), strict=True):
             out.append((name, part.reshape(g.shape)))

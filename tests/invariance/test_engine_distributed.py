@@ -22,7 +22,11 @@ SCRIPT = textwrap.dedent(
     from mlxsft.data.batching import epoch_batches
     from mlxsft.data.types import Encoded
     from mlxsft.model.lora import apply_adapters
+    from mlxsft.train import step as step_mod
     from mlxsft.train.step import make_train_step
+
+    if len(sys.argv) > 3:  # small messages: many chained collectives in one compiled graph
+        step_mod.REDUCE_GROUP = int(sys.argv[3])
 
     group = mx.distributed.init(strict=False)
     model = _mlxlm.load_model(sys.argv[2])[0]
@@ -52,10 +56,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(tmp_path: Path, model: Path, n_ranks: int) -> dict:
+def run(tmp_path: Path, model: Path, n_ranks: int, *extra: str) -> dict:
     script, out = tmp_path / "dp.py", tmp_path / f"out{n_ranks}.json"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, str(script), str(out), str(model)]
+    cmd = [sys.executable, str(script), str(out), str(model), *extra]
     if n_ranks > 1:
         launch = shutil.which("mlx.launch") or pytest.skip("mlx.launch not found")
         cmd = [launch, "-n", str(n_ranks), "--backend", "ring", "--", *cmd]
@@ -64,8 +68,10 @@ def run(tmp_path: Path, model: Path, n_ranks: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_rank(tmp_path, tiny_llama):
-    one, two = run(tmp_path, tiny_llama, 1), run(tmp_path, tiny_llama, 2)
+@pytest.mark.parametrize("reduce_group", [None, 64], ids=["one-message", "many-messages"])
+def test_two_ranks_equal_one_rank(tmp_path, tiny_llama, reduce_group):
+    extra = () if reduce_group is None else (str(reduce_group),)
+    one, two = run(tmp_path, tiny_llama, 1, *extra), run(tmp_path, tiny_llama, 2, *extra)
     for (l1, n1), (l2, n2) in zip(one["out"], two["out"], strict=True):
         assert n1 == n2 and l1 == pytest.approx(l2, rel=1e-5)
     for k, w in one["w"].items():
