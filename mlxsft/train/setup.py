@@ -88,8 +88,8 @@ def valid_source(cfg: TrainConfig) -> tuple[str, str] | None:
 
 
 def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, dict[str, Any], list[str]]:
-    """(loaded, adapter_config, notes); `loaded.model` carries the adapters. `train`: add fresh adapters (or continue
-    --adapter); otherwise only apply --adapter if given (eval)."""
+    """(loaded, adapter_config, notes); `loaded.model` carries the adapters. `train`: add fresh
+    adapters (or continue --adapter, mlx-lm or PEFT); otherwise only apply --adapter (eval)."""
     from mlxsft import _mlxlm
     from mlxsft.model import lora
     from mlxsft.model.loading import load
@@ -100,8 +100,11 @@ def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, dict[str, Any], l
     if _mlxlm.is_quantized(model):
         notes.append("quantized base: LoRA on a frozen quantized model (QLoRA)")
     if cfg.adapter:
-        model = lora.load_adapters(model, cfg.adapter)
-        adapter_config = lora.read_adapter_config(cfg.adapter)
+        from mlxsft.export.peft import ensure_mlx_adapter
+
+        adapter = ensure_mlx_adapter(cfg.adapter)  # a PEFT adapter dir is converted on the fly
+        model = lora.load_adapters(model, adapter)
+        adapter_config = lora.read_adapter_config(adapter)
         if train:
             notes.append(f"continuing adapter {cfg.adapter} (its rank and targets apply)")
     elif train:

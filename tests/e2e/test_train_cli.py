@@ -159,3 +159,36 @@ def test_training_variants_save_loadable_adapters(fixture, flags, request, data_
     params = dict(tree_flatten(reloaded.trainable_parameters()))
     assert set(saved) == set(params)
     assert all(mx.array_equal(saved[k], params[k]) for k in saved)
+
+
+def test_peft_adapter_works_in_eval_and_as_a_starting_point(tiny_llama, data_dir, tmp_path):
+    """`--adapter` takes a PEFT directory: eval gives the mlx adapter's loss, and train continues
+    from it."""
+    out = tmp_path / "run"
+    assert (
+        _invoke(["train", "--model", tiny_llama, "--data", data_dir, "-o", out, *FAST]).exit_code
+        == 0
+    )
+    peft = tmp_path / "peft"
+    result = _invoke(["export", "--adapter", out, "--format", "peft", "--output", peft])
+    assert result.exit_code == 0 and (peft / "adapter_model.safetensors").is_file()
+
+    def eval_loss(adapter: Path) -> float:
+        args = ["eval", "--model", tiny_llama, "--data", data_dir, "--adapter", adapter, "--json"]
+        result = _invoke(args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output.strip().splitlines()[-1])["loss"]
+
+    base = json.loads(
+        _invoke(["eval", "--model", tiny_llama, "--data", data_dir, "--json"]).output.splitlines()[
+            -1
+        ]
+    )["loss"]
+    mlx_loss, peft_loss = eval_loss(out), eval_loss(peft)
+    assert peft_loss == pytest.approx(mlx_loss, abs=1e-5) and abs(mlx_loss - base) > 1e-3
+
+    more = tmp_path / "more"
+    args = ["train", "--model", tiny_llama, "--data", data_dir, "-o", more, "--adapter", peft]
+    result = _invoke([*args, "--iters", "2", *FAST[2:]])
+    assert result.exit_code == 0, result.output
+    assert (more / "adapters.safetensors").is_file()
