@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -234,9 +236,9 @@ def blas_step_seconds(fast: bool) -> float:
     return float(json.loads(log.strip().splitlines()[-1])["seconds"])
 
 
-def generate_tps(model: Path, n_tokens: int, rounds: int = 2) -> tuple[float, float]:
+def generate_tps(model: Path, n_tokens: int, rounds: int = 5) -> tuple[float, float]:
     """(mlxsft generate, mlx_lm.generate) generation tokens/s, greedy, same prompt, base model;
-    best of `rounds` alternating runs (the machine is shared: take each tool's best)."""
+    the median of `rounds` alternating runs (on a tiny model single runs vary by +-25%)."""
     prompt = "Kalo mira tesu no vida pe zuho ne bifo."
     ours, theirs = [], []
     for _ in range(rounds):
@@ -252,7 +254,7 @@ def generate_tps(model: Path, n_tokens: int, rounds: int = 2) -> tuple[float, fl
         theirs += [
             float(x) for x in re.findall(r"Generation: \d+ tokens, ([0-9.]+) tokens-per-sec", b)
         ]
-    return max(ours or [float("nan")]), max(theirs or [float("nan")])
+    return statistics.median(ours or [math.nan]), statistics.median(theirs or [math.nan])
 
 
 def useful_flops(model: Path, data: Path, s: Setting) -> tuple[float, int]:
