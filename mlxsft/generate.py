@@ -169,7 +169,7 @@ class Generator:
 
         if template == "auto" and adapter is not None:
             template = trained_template(adapter) or "auto"
-        loaded = load(model, adapter=_mlx_adapter_dir(adapter))
+        loaded = load(model, adapter=adapter)  # mlx-lm or PEFT adapter dir
         chat_template = resolve_template(template, loaded.tokenizer) if template else None
         return cls(
             loaded.model, loaded.tokenizer, chat_template, config=loaded.config, path=loaded.path
@@ -296,15 +296,6 @@ def trained_template(adapter: str) -> str | None:
                 return None
             return name if isinstance(name, str) and name != "auto" else None
     return None
-
-
-def _mlx_adapter_dir(adapter: str | None) -> str | None:
-    """An mlx-lm adapter dir for `adapter`: PEFT adapters are converted first (export.peft)."""
-    if adapter is None:
-        return None
-    from mlxsft.export.peft import ensure_mlx_adapter
-
-    return str(ensure_mlx_adapter(adapter))
 
 
 def read_messages(path: str) -> list[dict[str, Any]]:

@@ -139,21 +139,9 @@ def base_logits(model: Any, prompts: list[list[int]]) -> list[np.ndarray] | None
 
 def load_with_adapter(model: str, adapter: str | Path | None) -> Any:
     """`Loaded` base model with mlxsft LoRA/DoRA layers applied from `adapter` (mlx-lm or PEFT)."""
-    from mlxsft.export.peft import apply_peft_adapter, is_peft_adapter
-    from mlxsft.model import lora
     from mlxsft.model.loading import load
 
-    loaded = load(model)
-    if adapter is not None:
-        adapter_dir = Path(adapter)
-        if not adapter_dir.is_dir():
-            raise UserError("adapter directory not found", where=str(adapter))
-        if is_peft_adapter(adapter_dir):
-            apply_peft_adapter(loaded.model, adapter_dir)
-        else:
-            lora.load_adapters(loaded.model, adapter_dir)
-        loaded.model.eval()
-    return loaded
+    return load(model, adapter=None if adapter is None else str(adapter))
 
 
 def fuse_model(

@@ -212,35 +212,3 @@ def ensure_mlx_adapter(adapter_dir: str | Path, cache_root: str | Path | None = 
     key = str(d.resolve()) + "".join(str(f.stat().st_mtime_ns) for f in files)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return import_peft(d, Path(cache_root or tempfile.gettempdir()) / f"mlxsft-peft-{digest}")
-
-
-def apply_peft_adapter(model: Any, adapter_dir: str | Path) -> Any:
-    """Wrap `model`'s layers in mlxsft LoRA/DoRA layers and load a PEFT adapter's weights."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from mlxsft.errors import ModelError
-    from mlxsft.model import lora
-
-    weights, cfg = convert_peft_to_mlx(adapter_dir)
-    p = cfg["lora_parameters"]
-    lora.apply_adapters(
-        model,
-        fine_tune_type=cfg["fine_tune_type"],
-        rank=p["rank"],
-        alpha=p["scale"] * p["rank"],
-        dropout=p["dropout"],
-        target_modules=p["keys"],
-        num_layers=-1,
-    )
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    bad = [k for k, v in weights.items() if k not in expected or v.shape != expected[k].shape]
-    if bad:
-        raise ModelError(
-            f"PEFT adapter does not fit this model: {bad[:3]}",
-            where=str(adapter_dir),
-            hint="load the base model the adapter was trained on",
-        )
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()], strict=False)
-    mx.eval(model.parameters())
-    return model
