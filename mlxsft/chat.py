@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mlxsft.errors import UserError
-from mlxsft.generate import Generation, Generator, SamplingParams, read_messages
+from mlxsft.generate import Generation, Generator, SamplingParams
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -57,14 +57,14 @@ class ChatSession:
         self.system = system or None
         self.params = params or SamplingParams()
         self.max_context = max_context or generator.max_context
-        self.turns: list[dict[str, str]] = []  # user/assistant messages, system kept apart
+        self.turns: list[dict[str, Any]] = []  # user/assistant messages, system kept apart
         self.cache: list[Any] | None = None
         self.context: list[int] = []  # token ids whose keys/values are in `cache`, in order
         self.fed: list[list[int]] = []  # the ids fed to the model at each turn (a record)
         self.prompts: list[list[int]] = []  # the full prompt ids the model saw at each turn
 
     @property
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self) -> list[dict[str, Any]]:
         """The conversation as a chat template (and a training row) sees it."""
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + [dict(m) for m in self.turns]
@@ -85,10 +85,12 @@ class ChatSession:
         Path(path).write_text(row + "\n", encoding="utf-8")
 
     def load(self, path: str) -> None:
-        messages = read_messages(path)
-        system = [m["content"] for m in messages if m["role"] == "system"]
+        from mlxsft.data.formats import read_conversation
+
+        messages = read_conversation(path).messages
+        system = [m.content for m in messages if m.role == "system"]
         self.system = system[0] if system else self.system
-        self.turns = [m for m in messages if m["role"] != "system"]
+        self.turns = [m.to_template_dict() for m in messages if m.role != "system"]
 
     def _fit(self, on_notice: Callable[[str], None]) -> list[int]:
         """Prompt ids for the conversation, dropping the oldest turns while it overflows (the

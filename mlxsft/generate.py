@@ -2,9 +2,7 @@
 loop and samplers (so greedy output and speed match `mlx_lm.generate`), stopping at the template's
 end-of-turn token or EOS, and tokens/s at the end. `chat.py` builds its REPL on `Generator`.
 
-Prompt ids follow `mlxsft.data.encode`: the template's text is tokenized with
-`add_special_tokens=False`, and a built-in template (or a raw prompt) gets the tokenizer's BOS in
-front when the tokenizer adds one itself and the text does not already start with it.
+Prompt ids and stop tokens come from `mlxsft.data.render.Renderer`, the renderer training uses.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mlxsft.data.render import Renderer
 from mlxsft.errors import UserError
 
 
@@ -100,36 +99,6 @@ class Generation:
         )
 
 
-def _bos_prefix(tokenizer: Any, text: str) -> list[int]:
-    from mlxsft.data.encode import bos_if_added
-
-    bos_id, bos = bos_if_added(tokenizer), getattr(tokenizer, "bos_token", None)
-    return [bos_id] if bos_id is not None and not (bos and text.startswith(bos)) else []
-
-
-def encode_text(tokenizer: Any, text: str, *, add_bos: bool) -> list[int]:
-    """Token ids for `text` as training tokenizes it (BOS rule as in `data.encode`)."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return (_bos_prefix(tokenizer, text) if add_bos else []) + ids
-
-
-def _end_of_turn_ids(template: Any, tokenizer: Any) -> set[int]:
-    """The special token a rendered assistant turn ends with (e.g. `<|im_end|>`), if any."""
-    content = "Zq8 reply"
-    try:
-        text = template.render(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
-        )
-    except ValueError:
-        return set()
-    at = text.rfind(content)
-    tail = text[at + len(content) :] if at >= 0 else ""
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    special |= set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return {ids[0]} if ids and ids[0] in special else set()
-
-
 class Generator:
     """A loaded model, its tokenizer and chat template, ready to generate."""
 
@@ -147,13 +116,8 @@ class Generator:
         self.template = template  # a data.templates.ChatTemplate; None: raw prompts only
         self.config = config or {}
         self.path = path
-        eos = self.config.get("eos_token_id")
-        stop = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            stop.add(tokenizer.eos_token_id)
-        if template is not None:
-            stop |= _end_of_turn_ids(template, tokenizer)
-        self.stop_ids: set[int] = stop
+        self.renderer = Renderer(tokenizer, template, eos_token_id=self.config.get("eos_token_id"))
+        self.stop_ids: set[int] = set(self.renderer.stop_ids)
         self._detok_proto: Any = None
 
     @classmethod
@@ -181,24 +145,9 @@ class Generator:
         n = self.config.get("max_position_embeddings") or self.config.get("max_seq_len")
         return int(n) if n else 4096
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
-        if self.template is None:
-            raise UserError("no chat template in use", hint="drop --raw to render messages")
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
-
     def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Ids of `messages` rendered with the generation prompt, tokenized as in training."""
-        text = self.render(messages, add_generation_prompt=True)
-        return encode_text(self.tokenizer, text, add_bos=self.template.builtin)
-
-    def conversation_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Ids of a whole conversation as training encodes it (no generation prompt)."""
-        text = self.render(messages, add_generation_prompt=False)
-        return encode_text(self.tokenizer, text, add_bos=self.template.builtin)
-
-    def raw_ids(self, text: str) -> list[int]:
-        """Ids of a plain-text prompt (BOS added when the tokenizer adds one)."""
-        return encode_text(self.tokenizer, text, add_bos=True)
+        """Ids of `messages` with the generation prompt, as training tokenizes them."""
+        return self.renderer.prompt_ids(messages)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -296,37 +245,3 @@ def trained_template(adapter: str) -> str | None:
                 return None
             return name if isinstance(name, str) and name != "auto" else None
     return None
-
-
-def read_messages(path: str) -> list[dict[str, Any]]:
-    """Messages from a .json/.jsonl file: `{"messages": [...]}` (first row) or a bare list."""
-    import json
-
-    from mlxsft.data.formats import ROLE_ALIASES
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    text = file.read_text(encoding="utf-8").strip()
-    try:
-        row = json.loads(text) if file.suffix == ".json" else json.loads(text.splitlines()[0])
-    except (json.JSONDecodeError, IndexError) as exc:
-        raise UserError(f"not valid JSON: {exc}", where=f"{path}:1") from None
-    turns = row.get("messages", row.get("conversations")) if isinstance(row, dict) else row
-    if not isinstance(turns, list) or not turns:
-        raise UserError(
-            "expected a non-empty list of messages",
-            where=f"{path}:1",
-            hint='write {"messages": [{"role": "user", "content": "..."}]}',
-        )
-    out = []
-    for i, turn in enumerate(turns):
-        turn = turn if isinstance(turn, dict) else {}
-        role = ROLE_ALIASES.get(str(turn.get("role", turn.get("from", ""))).lower())
-        content = turn.get("content", turn.get("value"))
-        if role is None or not isinstance(content, str):
-            raise UserError(
-                f"messages[{i}] needs a known role and a string content", where=f"{path}:1"
-            )
-        out.append({"role": role, "content": content})
-    return out

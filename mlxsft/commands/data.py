@@ -144,24 +144,23 @@ def validate(data_path, fmt, model, template, train_on) -> None:
     """
     from pathlib import Path
 
-    from mlxsft.data.encode import bos_if_added, encode_example
     from mlxsft.data.formats import find_splits, read_examples
+    from mlxsft.data.render import Renderer
     from mlxsft.data.templates import resolve_template
     from mlxsft.data.types import Dropped
 
     splits = list(find_splits(data_path)) if Path(data_path).is_dir() else ["train"]
-    tokenizer = chat_template = bos_id = None
+    renderer = None
     if model is not None:
         tokenizer = _load_tokenizer(model)
-        chat_template = resolve_template(template, tokenizer)
-        bos_id = bos_if_added(tokenizer)
+        renderer = Renderer(tokenizer, resolve_template(template, tokenizer))
     n_rows = n_bad = 0
     for split in splits:
         examples, errors = read_examples(data_path, fmt, split=split)
         problems = [str(e) for e in errors]
-        if tokenizer is not None:
+        if renderer is not None:
             for ex in examples:
-                out = encode_example(ex, tokenizer, chat_template, train_on, bos_id=bos_id)
+                out = renderer.render(ex, train_on)
                 if isinstance(out, Dropped):
                     problems.append(f"{out.source}: {_drop_problem(out)}")
         for line in problems:

@@ -69,8 +69,10 @@ def generate(prompt, messages_file, raw, verbose, **kw) -> None:
     Greedy (--temp 0) output equals `mlx_lm.generate` on the same prompt ids. Stops at the
     template's end-of-turn token or EOS.
     """
+    from mlxsft.data.formats import read_conversation
+    from mlxsft.data.types import Message
     from mlxsft.errors import UserError
-    from mlxsft.generate import Generator, read_messages
+    from mlxsft.generate import Generator
 
     if (prompt is None) == (messages_file is None):
         raise UserError("give exactly one of --prompt and --messages")
@@ -83,17 +85,19 @@ def generate(prompt, messages_file, raw, verbose, **kw) -> None:
     if verbose:
         click.echo(f"[template: {gen.template.name if gen.template else 'none (raw)'}]", err=True)
     if raw:
-        ids = gen.raw_ids(prompt)
+        ids = gen.renderer.text_ids(prompt)
     else:
-        messages = read_messages(messages_file) if messages_file else []
+        conversation = read_conversation(messages_file) if messages_file else None
+        messages = conversation.messages if conversation else []
         if prompt is not None:
-            messages.append({"role": "user", "content": prompt})
+            messages.append(Message("user", prompt))
         if kw["system"]:
-            messages = [m for m in messages if m["role"] != "system"]
-            messages.insert(0, {"role": "system", "content": kw["system"]})
-        if messages[-1]["role"] == "assistant":
+            messages = [Message("system", kw["system"])] + [
+                m for m in messages if m.role != "system"
+            ]
+        if messages[-1].role == "assistant":
             raise UserError("the last message is the assistant's", hint="end with a user message")
-        ids = gen.prompt_ids(messages)
+        ids = gen.renderer.prompt_ids(messages, tools=conversation and conversation.tools)
 
     def write(segment: str) -> None:
         sys.stdout.write(segment)

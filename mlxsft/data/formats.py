@@ -247,7 +247,26 @@ def normalise(row: Any, fmt: str, where: str) -> Example:
     raise UserError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
 
 
-def _normalise_chat(row: dict, where: str) -> Example:
+def read_conversation(path: str | Path) -> Example:
+    """The conversation to prompt with, from a .json/.jsonl file: its first row
+    (`{"messages": [...]}`, ShareGPT, or a bare list of messages), normalised like a chat row
+    but without needing an assistant turn."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    text = file.read_text(encoding="utf-8").strip()
+    where = f"{file}:1"
+    try:
+        row = json.loads(text) if file.suffix == ".json" else json.loads(text.split("\n")[0])
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where=where) from None
+    row = {"messages": row} if isinstance(row, list) else row
+    if not isinstance(row, dict):
+        raise _unknown_row(row, where)
+    return _normalise_chat(row, where, prompt=True)
+
+
+def _normalise_chat(row: dict, where: str, *, prompt: bool = False) -> Example:
     key = "conversations" if "conversations" in row and "messages" not in row else "messages"
     if key not in row:
         have = ", ".join(sorted(row)) or "none"
@@ -264,8 +283,10 @@ def _normalise_chat(row: dict, where: str) -> Example:
         at = f"{key}[{i}]"
         if not isinstance(turn, dict):
             raise DataError(f"{at} must be an object, got {_type(turn)}", where=where)
-        messages.append(_message(turn, at, where, sharegpt=key == "conversations"))
-    if not any(m.role == "assistant" for m in messages):
+        # each turn's own keys say its style (role/content or from/value), else the list's name
+        sharegpt = "from" in turn if ("from" in turn) != ("role" in turn) else key != "messages"
+        messages.append(_message(turn, at, where, sharegpt=sharegpt))
+    if not prompt and not any(m.role == "assistant" for m in messages):
         raise DataError("no assistant turn", where=where, hint="nothing to train on in this row")
     return Example(messages, "chat", where, tools=_tools(row, where))
 

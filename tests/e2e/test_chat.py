@@ -135,7 +135,7 @@ def test_chat_through_piped_stdin(tiny_llama: Path, tmp_path: Path) -> None:
     assert gen.decode(rows[0]["reply_ids"]) == messages[2]["content"]
     assert gen.decode(rows[2]["reply_ids"]) == messages[4]["content"]
     # The training encoding of the saved row starts with the last prompt + the last reply's text.
-    full = gen.conversation_ids(messages)
+    full = gen.renderer.conversation_ids(messages)
     assert full[: len(rows[2]["prompt_ids"])] == rows[2]["prompt_ids"]
     after_reset = [
         {"role": "system", "content": "Be brief."},

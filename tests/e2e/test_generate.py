@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mlxsft.data.encode import encode_example
+from mlxsft.data.formats import read_conversation
 from mlxsft.data.types import Example, Message
-from mlxsft.generate import Generator, SamplingParams, read_messages
+from mlxsft.generate import Generator, SamplingParams
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MESSAGES = [
@@ -69,7 +70,9 @@ def test_prompt_ids_are_the_training_encoding(llama_gen: Generator) -> None:
     encoded = encode_example(example, llama_gen.tokenizer, llama_gen.template)
     full = encoded.input_ids.tolist()
     prompt = llama_gen.prompt_ids(MESSAGES)
-    assert full == llama_gen.conversation_ids([m.to_template_dict() for m in example.messages])
+    assert full == llama_gen.renderer.conversation_ids(
+        [m.to_template_dict() for m in example.messages]
+    )
     assert full[: len(prompt)] == prompt  # chatml: the prompt is a token-prefix of the training row
     assert encoded.loss_mask[: len(prompt)].sum() == 0 and encoded.loss_mask[len(prompt)] == 1
     # The tokenizer's own template writes no BOS, so none is added: as apply_chat_template does.
@@ -135,11 +138,12 @@ def test_read_messages(tmp_path: Path) -> None:
     (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
     (tmp_path / "m.json").write_text(json.dumps(row["messages"]))
     want = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
-    assert read_messages(str(tmp_path / "m.jsonl")) == want
-    assert read_messages(str(tmp_path / "m.json")) == want
+    for name in ("m.jsonl", "m.json"):
+        got = read_conversation(str(tmp_path / name)).messages
+        assert [m.to_template_dict() for m in got] == want
     (tmp_path / "bad.json").write_text('{"messages": [{"role": "alien", "content": "x"}]}')
-    with pytest.raises(ValueError, match=r"bad.json:1: messages\[0\] needs a known role"):
-        read_messages(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match=r"bad.json:1: messages\[0\]: unknown role 'alien'"):
+        read_conversation(str(tmp_path / "bad.json"))
 
 
 def test_cli_generate_messages_and_errors(tiny_llama: Path, tmp_path: Path) -> None:

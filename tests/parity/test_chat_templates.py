@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlxsft.data.encode import EOT_MARKERS, encode_example
+from mlxsft.data.encode import encode_example
 from mlxsft.data.formats import normalise, read_examples
+from mlxsft.data.render import EOT_MARKERS
 from mlxsft.data.templates import ChatTemplate, TemplateRenderError, resolve_template
 from mlxsft.data.types import Encoded
 

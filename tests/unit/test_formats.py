@@ -240,3 +240,9 @@ def test_cli_format_choices_match():
     from mlxsft.data.formats import FORMATS
 
     assert CLI_FORMATS == FORMATS
+
+
+def test_turns_may_mix_role_and_from_keys():
+    row = {"messages": [{"from": "human", "value": "Q"}, {"role": "assistant", "content": "A"}]}
+    ex = normalise(row, "chat", "d:1")
+    assert [(m.role, m.content) for m in ex.messages] == [("user", "Q"), ("assistant", "A")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers_tokenizer import build_tokenizer
 
-from mlxsft.data.encode import template_messages
 from mlxsft.data.formats import normalise
+from mlxsft.data.render import template_messages
 from mlxsft.data.templates import BUILTIN, TemplateRenderError, resolve_template
 from mlxsft.errors import UserError
 
