@@ -43,9 +43,11 @@ def fuse(model: str, adapter: str, output: str, dequantize: bool, quantize: str 
 @click.option("--adapter", default=None, type=click.Path(file_okay=False), help="Adapter dir.")
 @click.option(
     "--dtype",
-    type=click.Choice(["f16", "f32", "q8_0"]),
+    type=click.Choice(
+        ["f16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"], case_sensitive=False
+    ),
     default=None,
-    help="GGUF tensor type (norms stay f32). [f16]",
+    help="GGUF tensor type; q4_k_m/q5_k_m mix types per tensor as llama-quantize does. [f16]",
 )
 def export(
     fmt: str, output: str, model: str | None, adapter: str | None, dtype: str | None

@@ -1,10 +1,10 @@
-"""The GGUF v3 file format in NumPy alone: write and read metadata + tensors (f32, f16, q8_0).
+"""The GGUF v3 file format in NumPy alone: write and read metadata + tensors.
 
 Layout (little-endian): magic `GGUF`, version 3, tensor count (u64), metadata count (u64), the
 metadata key/values, the tensor infos (name, n_dims, dims innermost-first, ggml type, offset),
 padding to `general.alignment`, then the tensor data, each tensor aligned. A NumPy array of shape
-(rows, cols) is stored with dims [cols, rows]. Q8_0 packs blocks of 32 values along the innermost
-axis as one float16 scale followed by 32 int8, like ggml's `quantize_row_q8_0_ref`.
+(rows, cols) is stored with dims [cols, rows]. Quantized types pack blocks along the innermost
+axis; the block formats (q4_0 ... q8_0, q4_K, q5_K, q6_K) live in `gguf_quants.py`.
 What goes *into* the file for a model (names, metadata, vocab) lives in `gguf_model.py`.
 """
 
@@ -18,15 +18,26 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from mlxsft.export.gguf_quants import (  # noqa: F401  (re-exported: the ggml type ids)
+    BLOCKS,
+    GGML_F16,
+    GGML_F32,
+    GGML_Q4_0,
+    GGML_Q4_1,
+    GGML_Q4_K,
+    GGML_Q5_0,
+    GGML_Q5_1,
+    GGML_Q5_K,
+    GGML_Q6_K,
+    GGML_Q8_0,
+    TYPE_NAMES,
+    dequantize,
+    quantize,
+)
+
 MAGIC = b"GGUF"
 VERSION = 3
 ALIGNMENT = 32
-
-# ggml tensor types this module writes and reads.
-GGML_F32, GGML_F16, GGML_Q8_0 = 0, 1, 8
-GGML_TYPE_NAMES = {GGML_F32: "f32", GGML_F16: "f16", GGML_Q8_0: "q8_0"}
-QK8_0 = 32  # values per q8_0 block
-Q8_0_BLOCK_BYTES = 2 + QK8_0
 
 # GGUF metadata value types.
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = range(10)
@@ -61,39 +72,14 @@ _NP_TO_GGUF = {
 
 @dataclass
 class Tensor:
-    """One tensor of a GGUF file: `data` in NumPy order (q8_0 read back as float32 values)."""
+    """One tensor of a GGUF file: `data` in NumPy order (quantized types read back as float32
+    values; `raw` holds their bytes, (rows, bytes per row) uint8)."""
 
     name: str
     ggml_type: int
     shape: tuple[int, ...]  # NumPy order, outermost first
     data: np.ndarray
-
-
-# ------------------------------------------------------------------------------------- q8_0
-
-
-def _round_half_away(x: np.ndarray) -> np.ndarray:
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """float array (..., n) with n % 32 == 0 -> raw q8_0 bytes (uint8, (..., n // 32 * 34))."""
-    assert x.shape[-1] % QK8_0 == 0, x.shape
-    blocks = x.astype(np.float32).reshape(-1, QK8_0)  # (n_blocks, 32)
-    d = np.abs(blocks).max(axis=1, keepdims=True) / 127.0  # (n_blocks, 1)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, 0.0, 1.0 / d)
-    qs = _round_half_away(blocks * inv).astype(np.int8)  # (n_blocks, 32)
-    raw = np.concatenate([d.astype(np.float16).view(np.uint8), qs.view(np.uint8)], axis=1)
-    return raw.reshape(*x.shape[:-1], x.shape[-1] // QK8_0 * Q8_0_BLOCK_BYTES)
-
-
-def dequantize_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw q8_0 bytes -> float32 array of `shape` (NumPy order)."""
-    blocks = np.asarray(raw, dtype=np.uint8).reshape(-1, Q8_0_BLOCK_BYTES)
-    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n_blocks, 1)
-    qs = blocks[:, 2:].copy().view(np.int8).astype(np.float32)  # (n_blocks, 32)
-    return (d * qs).reshape(shape)
+    raw: np.ndarray | None = None
 
 
 def encode_tensor(x: np.ndarray, ggml_type: int) -> np.ndarray:
@@ -102,8 +88,8 @@ def encode_tensor(x: np.ndarray, ggml_type: int) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)
     if ggml_type == GGML_F16:
         return np.ascontiguousarray(x, dtype=np.float16)
-    if ggml_type == GGML_Q8_0:
-        return quantize_q8_0(x)
+    if ggml_type in BLOCKS:
+        return quantize(x, ggml_type)
     raise ValueError(f"unsupported ggml type {ggml_type}")
 
 
@@ -171,10 +157,8 @@ class Lazy:
 
 def tensor_nbytes(shape: tuple[int, ...], ggml_type: int) -> int:
     """Bytes of a tensor of `shape` stored as `ggml_type`."""
-    n = int(np.prod(shape))
-    if ggml_type == GGML_Q8_0:
-        return n // QK8_0 * Q8_0_BLOCK_BYTES
-    return n * {GGML_F32: 4, GGML_F16: 2}[ggml_type]
+    qk, size = BLOCKS[ggml_type]
+    return int(np.prod(shape)) // qk * size
 
 
 def write_gguf(
@@ -244,7 +228,7 @@ class _Reader:
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(metadata, tensors by name) of a GGUF v2/v3 file with f32/f16/q8_0 tensors."""
+    """(metadata, tensors by name) of a GGUF v2/v3 file (f32, f16 and the `gguf_quants` types)."""
     data = Path(path).read_bytes()
     r = _Reader(memoryview(data))
     if bytes(r.buf[:4]) != MAGIC:
@@ -269,13 +253,14 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     for name, shape, t, off in infos:
         n = int(np.prod(shape))
         if t == GGML_F32:
-            arr = np.frombuffer(data, np.float32, n, start + off).reshape(shape)
+            tensors[name] = Tensor(name, t, shape, np.frombuffer(data, np.float32, n, start + off))
         elif t == GGML_F16:
-            arr = np.frombuffer(data, np.float16, n, start + off).reshape(shape)
-        elif t == GGML_Q8_0:
-            raw = np.frombuffer(data, np.uint8, n // QK8_0 * Q8_0_BLOCK_BYTES, start + off)
-            arr = dequantize_q8_0(raw, shape)
+            tensors[name] = Tensor(name, t, shape, np.frombuffer(data, np.float16, n, start + off))
+        elif t in BLOCKS:
+            raw = np.frombuffer(data, np.uint8, tensor_nbytes(shape, t), start + off)
+            raw = raw.reshape(-1, tensor_nbytes(shape[-1:], t))
+            tensors[name] = Tensor(name, t, shape, dequantize(raw, t, shape), raw)
         else:
             raise ValueError(f"{path}: tensor {name} has unsupported ggml type {t}")
-        tensors[name] = Tensor(name, t, shape, arr)
+        tensors[name].data = tensors[name].data.reshape(shape)
     return metadata, tensors

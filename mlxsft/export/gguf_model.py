@@ -17,13 +17,12 @@ import numpy as np
 
 from mlxsft.errors import ModelError
 from mlxsft.export import gguf
+from mlxsft.export.gguf_mix import DTYPES, FILE_TYPE, tensor_types
 from mlxsft.export.gguf_vocab import vocab_metadata
 
 # HF model_type -> GGUF architecture
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 PERMUTE_QK = {"llama"}  # GGUF archs that use llama.cpp's normal (GPT-J style) RoPE
-DTYPES = {"f32": gguf.GGML_F32, "f16": gguf.GGML_F16, "q8_0": gguf.GGML_Q8_0}
-FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # llama_ftype
 
 _TOP = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -135,14 +134,6 @@ def model_metadata(config: dict, name: str, dtype: str) -> dict[str, Any]:
     return meta
 
 
-def _tensor_type(shape: tuple[int, ...], dtype: str) -> int:
-    if len(shape) == 1 or dtype == "f32":
-        return gguf.GGML_F32
-    if dtype == "q8_0" and shape[-1] % gguf.QK8_0 != 0:
-        return gguf.GGML_F16  # llama.cpp falls back the same way for odd rows
-    return DTYPES[dtype]
-
-
 def _as_float32(w: Any) -> np.ndarray:
     """NumPy float32 copy of a NumPy or MLX array (bfloat16 included)."""
     if isinstance(w, np.ndarray):
@@ -159,10 +150,10 @@ def model_tensors(
     arch = ARCHS[config["model_type"]]
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads", n_head)
-    out: list[tuple[str, gguf.Lazy, int]] = []
+    lazy: dict[str, gguf.Lazy] = {}
     factors = llama3_rope_factors(config)
     if factors is not None:
-        out.append(("rope_freqs.weight", gguf.Lazy(factors.shape, lambda: factors), gguf.GGML_F32))
+        lazy["rope_freqs.weight"] = gguf.Lazy(factors.shape, lambda: factors)
     for hf_name, w in weights.items():
         name = gguf_name(hf_name)
         if name is None:
@@ -177,9 +168,9 @@ def model_tensors(
             x = _as_float32(w)
             return permute_qk(x, heads) if heads else x
 
-        shape = tuple(w.shape)
-        out.append((name, gguf.Lazy(shape, produce), _tensor_type(shape, dtype)))
-    return out
+        lazy[name] = gguf.Lazy(tuple(w.shape), produce)
+    types = tensor_types([(n, x.shape) for n, x in lazy.items()], dtype, config)
+    return [(n, x, types[n]) for n, x in lazy.items()]
 
 
 def write_model_gguf(

@@ -220,6 +220,49 @@ def test_gguf_q8_0_and_f16(tiny_llama_base, tmp_path):
     assert "chat format: alpaca" in modelfile  # a base model has no chat template
 
 
+@pytest.mark.parametrize("dtype", ["q4_k_m", "q5_k_m", "q6_k", "q4_0"])
+def test_gguf_k_quants(dtype, tiny_checkpoint, tmp_path):
+    """256-wide rows so the k-quants apply; read back with llama.cpp's `gguf` package, every
+    tensor dequantized by its own dequantizer, against the float weights."""
+    from mlxsft.export import gguf_mix
+
+    model_dir = tiny_checkpoint("llama", hidden_size=256, intermediate_size=512, n_heads=4)
+    path = tmp_path / "m.gguf"
+    run(
+        "export",
+        "--model",
+        str(model_dir),
+        "--format",
+        "gguf",
+        "--output",
+        str(path),
+        "--dtype",
+        dtype,
+    )
+    config = json.loads((model_dir / "config.json").read_text())
+    expected = _expected_tensors(model_dir, None, config)
+    meta, tensors = gguf.read_gguf(path)
+    assert meta["general.file_type"] == gguf_mix.FILE_TYPE[dtype]
+    want = gguf_mix.tensor_types([(n, x.shape) for n, x in expected.items()], dtype, config)
+    assert {n: t.ggml_type for n, t in tensors.items()} == want
+    k = {"q4_k_m": gguf.GGML_Q4_K, "q5_k_m": gguf.GGML_Q5_K, "q6_k": gguf.GGML_Q6_K}
+    k["q4_0"] = gguf.GGML_Q4_0
+    assert tensors["blk.0.ffn_down.weight"].ggml_type == k[dtype]
+    if dtype.endswith("_m"):  # layer 1 of 2 is a "more bits" layer
+        assert tensors["blk.1.attn_v.weight"].ggml_type == gguf.GGML_Q6_K
+    ggufpkg = pytest.importorskip("gguf")
+    reader = ggufpkg.GGUFReader(str(path))
+    assert reader.fields["general.file_type"].contents() == gguf_mix.FILE_TYPE[dtype]
+    for t in reader.tensors:
+        ours = tensors[t.name]
+        assert int(t.tensor_type) == ours.ggml_type
+        back = ggufpkg.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        assert np.array_equal(back, ours.data), t.name
+        x = expected[t.name]
+        rel = np.sqrt(np.mean((back - x) ** 2) / np.mean(x**2))
+        assert rel < (0.12 if dtype in ("q4_k_m", "q4_0") else 0.05), t.name
+
+
 def test_gguf_rejects_unsupported_arch(tiny_gemma, tmp_path):
     args = [
         "export",

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from mlxsft.export import gguf
+from mlxsft.export import gguf, gguf_quants
 from mlxsft.export.gguf_model import gguf_name, permute_qk, write_model_gguf
 from mlxsft.export.gguf_vocab import CONTROL, NORMAL, UNUSED, vocab_metadata
 from mlxsft.export.modelfile import modelfile_text, template_family
@@ -36,12 +36,16 @@ def _tensors():
         ("b.weight", rng.standard_normal((5, 32)).astype(np.float32), gguf.GGML_F16),
         ("c.weight", rng.standard_normal((4, 96)).astype(np.float32), gguf.GGML_Q8_0),
         ("d.bias", rng.standard_normal(7).astype(np.float32), gguf.GGML_F32),
+    ] + [  # one tensor of every quantized type
+        (f"{gguf.TYPE_NAMES[t]}.weight", rng.standard_normal((3, 512)).astype(np.float32), t)
+        for t in gguf_quants.BLOCKS
+        if t not in (gguf.GGML_F32, gguf.GGML_F16)
     ]
 
 
 def test_q8_0_block_exact():
     x = (np.arange(32, dtype=np.float32) - 16.0) / 4  # amax 4.0 at index 0
-    raw = gguf.quantize_q8_0(x[None])
+    raw = gguf.quantize(x[None], gguf.GGML_Q8_0)
     assert raw.shape == (1, 34)
     d = raw[0, :2].view(np.float16)[0]
     assert d == np.float16(4.0 / 127)
@@ -50,9 +54,9 @@ def test_q8_0_block_exact():
     expected = np.sign(x) * np.floor(np.abs(x * (127 / 4.0)) + 0.5)
     assert qs.tolist() == expected.astype(np.int8).tolist()
     assert qs[0] == -127 and qs[16] == 0 and qs[17] == 8  # 0.25 * 31.75 = 7.94 -> 8
-    back = gguf.dequantize_q8_0(raw, (32,))
+    back = gguf.dequantize(raw, gguf.GGML_Q8_0, (32,))
     assert np.abs(back - x).max() <= float(d) / 2 + 1e-6
-    assert not gguf.quantize_q8_0(np.zeros((1, 32))).any()  # zero block: d = 0, q = 0
+    assert not gguf.quantize(np.zeros((1, 32)), gguf.GGML_Q8_0).any()  # zero block: d = 0, q = 0
 
 
 def test_write_read_roundtrip(tmp_path):
@@ -64,14 +68,16 @@ def test_write_read_roundtrip(tmp_path):
             assert meta[k].dtype == v.dtype and np.array_equal(meta[k], v)
         else:
             assert meta[k] == v, k
-    assert list(tensors) == ["a.weight", "b.weight", "c.weight", "d.bias"]
+    assert list(tensors) == [name for name, _, _ in _tensors()]
     for name, x, t in _tensors():
         got = tensors[name]
         assert got.ggml_type == t and got.shape == x.shape
         want = np.asarray(gguf.encode_tensor(x, t))
-        if t == gguf.GGML_Q8_0:
-            want = gguf.dequantize_q8_0(want, x.shape)
-        assert np.array_equal(got.data, want)
+        if t in (gguf.GGML_F32, gguf.GGML_F16):
+            assert got.raw is None and np.array_equal(got.data, want)
+        else:
+            assert np.array_equal(got.raw, want)
+            assert np.array_equal(got.data, gguf.dequantize(want, t, x.shape))
     # tensor data starts aligned; the file ends on the alignment too
     assert path.stat().st_size % gguf.ALIGNMENT == 0
 
@@ -91,9 +97,9 @@ def test_roundtrip_with_llama_cpp_reader(tmp_path):
         rt = by_name[name]
         assert int(rt.tensor_type) == t
         assert list(rt.shape) == list(reversed(x.shape))  # ggml order
-        if t == gguf.GGML_Q8_0:
+        if t not in (gguf.GGML_F32, gguf.GGML_F16):  # gguf's own dequantizer on our bytes
             data = ggufpkg.quants.dequantize(rt.data, rt.tensor_type)
-            assert np.array_equal(data, gguf.dequantize_q8_0(gguf.quantize_q8_0(x), x.shape))
+            assert np.array_equal(data, gguf.dequantize(gguf.quantize(x, t), t, x.shape))
         else:
             assert np.array_equal(np.asarray(rt.data).reshape(x.shape), gguf.encode_tensor(x, t))
 
