@@ -145,10 +145,6 @@ def _at_least(key: str, value: Any, low: float) -> None:
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 
 
-def valid_keys() -> list[str]:
-    return list(_FIELDS)
-
-
 def _coerce(key: str, value: Any, where: str) -> Any:
     """A YAML value -> the field's type (ints accepted for floats; "1e-4" strings for numbers)."""
     if value is None:

@@ -335,7 +335,7 @@ def profile_data(encoded: list, run: RunShape, pack: bool) -> DataProfile:
     frac = max(sum(int(trained[i]) for i in p.examples) / (len(p.rows) * p.seq_len) for p in plans)
     return DataProfile(
         n_examples=len(encoded),
-        n_truncated=sum(bool(getattr(e, "truncated", False)) for e in encoded),
+        n_truncated=sum(e.truncated for e in encoded),
         p50=int(np.percentile(lengths, 50)),
         p95=int(np.percentile(lengths, 95)),
         longest=int(lengths.max()),
@@ -356,7 +356,7 @@ def run_shape(cfg, profile: DataProfile | None = None) -> RunShape:
         num_layers=cfg.num_layers,
         quantize=cfg.quantize,
         grad_checkpoint=cfg.grad_checkpoint,
-        selective_loss=getattr(cfg, "loss", "selective") == "selective",
+        selective_loss=cfg.loss == "selective",
         trained_fraction=profile.trained_fraction if profile else 1.0,
         row_len=profile.row_len if profile else None,
     )

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-ROLES = ("system", "user", "assistant", "tool")
 KINDS = ("chat", "alpaca", "completion", "text")
 
 

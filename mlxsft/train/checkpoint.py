@@ -4,7 +4,7 @@ A checkpoint is a directory `OUT/checkpoints/step-0000123/` holding
   adapters.safetensors + adapter_config.json   trainable weights (loadable as an adapter dir)
   optimizer.safetensors                        tree_flatten(optimizer.state), incl. its step
   state.json                                   step, data cursor (epoch, batch index), token
-                                               count, best val loss, NumPy and MLX RNG state
+                                               count, best val loss, MLX RNG state
 It is built in a hidden temp directory and renamed into place, so a directory named `step-*` is
 always complete; a crash mid-write leaves only a `.tmp-*` directory that resume ignores.
 """
@@ -42,7 +42,6 @@ class TrainState:
     elapsed_s: float = 0.0
     best_val_loss: float | None = None
     best_step: int | None = None
-    np_rng: dict[str, Any] = field(default_factory=dict)  # np.random.Generator bit_generator.state
     mx_key: list[int] = field(default_factory=list)  # mx.random.state[0] as two uint32 words
 
 
@@ -150,6 +149,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: optim.Optimiz
     optimizer.state.update(opt_state)
     mx.eval(model.parameters(), optimizer.state)
     raw = json.loads((path / "state.json").read_text())
+    raw.pop("np_rng", None)  # older checkpoints saved an (unused) NumPy RNG state
     state = TrainState(**raw)
     if state.mx_key:
         set_rng_key(state.mx_key)

@@ -248,7 +248,6 @@ def test_grad_checkpoint_per_instance(tiny_llama):
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
 def test_selective_head_step_equals_full(request, fixture):
     """The chunked/selective LM-head loss slots in behind the same step: same losses, weights."""
-    pytest.importorskip("mlxsft.train.chunked_ce")
     from mlxsft.train.loss import selective_head
 
     path = request.getfixturevalue(fixture)

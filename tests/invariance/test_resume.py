@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -90,8 +91,12 @@ def straight(tiny_llama, data_file, tmp_path_factory) -> Path:
 
 
 def test_resume_from_checkpoint_dir_equals_straight(straight, tiny_llama, data_file, tmp_path):
-    ckpt = straight / "checkpoints" / "step-0000003"
-    assert json.loads((ckpt / "state.json").read_text())["epoch"] >= 1  # k crosses an epoch
+    ckpt = tmp_path / "step-0000003"
+    shutil.copytree(straight / "checkpoints" / ckpt.name, ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] >= 1  # k crosses an epoch
+    # older checkpoints also hold an (unused) NumPy RNG state: they resume the same
+    (ckpt / "state.json").write_text(json.dumps({**state, "np_rng": {"bit_generator": "PCG64"}}))
     out = tmp_path / "resumed"
     result = train(_cfg(tiny_llama, data_file, out, resume=str(ckpt)))
     assert result.steps == 6 and result.resumed_from == ckpt

@@ -290,8 +290,6 @@ def test_cli_reports_model_errors_in_one_line(tmp_path, checkpoint_copy):
 
     from mlxsft.cli import main
 
-    if main.get_command(None, "data") is None:
-        pytest.skip("no `mlxsft data` command yet")
     data = tmp_path / "train.jsonl"
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     data.write_text(json.dumps(row) + "\n")
