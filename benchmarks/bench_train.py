@@ -197,7 +197,7 @@ def plan_estimate(model: Path, data: Path, s: Setting, selective: bool) -> int:
     from mlxsft.config import TrainConfig
     from mlxsft.model.loading import load_tokenizer
     from mlxsft.plan import estimate_peak_memory, profile_data, run_shape
-    from mlxsft.train.loop import encode_split
+    from mlxsft.train.setup import encode_split
 
     cfg = TrainConfig(
         model=str(model), data=str(data), batch_size=s.batch_size, max_seq_len=s.max_seq_len,

@@ -102,39 +102,16 @@ def is_quantized(model: nn.Module) -> bool:
     return any(hasattr(m, "bits") for _, m in model.named_modules())
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of an mlx-lm model (its `layers`), first to last; [] when it has none."""
+    return list(getattr(model, "layers", None) or [])
+
+
 def make_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
     """A fresh KV cache for generation."""
     from mlx_lm.models.cache import make_prompt_cache
 
     return make_prompt_cache(model, max_kv_size=max_kv_size)
-
-
-def stream_generate(
-    model: nn.Module,
-    tokenizer_wrapper: Any,
-    prompt: list[int] | mx.array,
-    *,
-    max_tokens: int = 256,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    prompt_cache: list[Any] | None = None,
-) -> Any:
-    """mlx-lm's `stream_generate` with its sampler: yields GenerationResponse (.text, .token, ...).
-
-    `temp=0` is greedy. `prompt` is token ids (render chat prompts with mlxsft's templates).
-    """
-    from mlx_lm.generate import stream_generate as _stream_generate
-
-    return _stream_generate(
-        model,
-        tokenizer_wrapper,
-        prompt,
-        max_tokens=max_tokens,
-        sampler=make_sampler(temp, top_p, top_k, min_p),
-        prompt_cache=prompt_cache,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +260,8 @@ def forward(model: nn.Module, inputs: mx.array, mask: mx.array | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation (added by helper-6 for mlxsft/generate.py and mlxsft/chat.py): mlx-lm's own step
-# loop, samplers, logits processors, streaming detokenizers and KV-cache trimming.
+# Generation (mlxsft/generate.py, mlxsft/chat.py): mlx-lm's own step loop, samplers, logits
+# processors, streaming detokenizers and KV-cache trimming.
 # ---------------------------------------------------------------------------------------------
 
 

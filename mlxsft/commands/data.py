@@ -18,16 +18,6 @@ FORMAT_HELP = "Row format; auto: detected per file from the first row with known
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 
 
-def _load_tokenizer(model: str):
-    try:
-        from mlxsft.model.loading import load_tokenizer
-    except ImportError:  # model loading not available: plain transformers
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model)
-    return load_tokenizer(model)
-
-
 @click.group()
 def data() -> None:
     """Inspect and validate training data."""
@@ -64,6 +54,7 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
     from mlxsft.data.stats import format_stats
     from mlxsft.data.templates import resolve_template, template_warnings
     from mlxsft.errors import DataError
+    from mlxsft.model.loading import load_tokenizer
 
     examples, errors = read_examples(data_path, fmt, split=split)
     if not examples:
@@ -73,7 +64,7 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
         click.echo(f"warning: skipping bad row: {err}", err=True)
     if len(errors) > 5:
         click.echo(f"warning: {len(errors) - 5} more bad rows skipped", err=True)
-    tokenizer = _load_tokenizer(model)
+    tokenizer = load_tokenizer(model)
     chat_template = resolve_template(template, tokenizer)
     for warning in template_warnings(chat_template, tokenizer):
         click.echo(f"warning: {warning}", err=True)
@@ -148,11 +139,12 @@ def validate(data_path, fmt, model, template, train_on) -> None:
     from mlxsft.data.render import Renderer
     from mlxsft.data.templates import resolve_template
     from mlxsft.data.types import Dropped
+    from mlxsft.model.loading import load_tokenizer
 
     splits = list(find_splits(data_path)) if Path(data_path).is_dir() else ["train"]
     renderer = None
     if model is not None:
-        tokenizer = _load_tokenizer(model)
+        tokenizer = load_tokenizer(model)
         renderer = Renderer(tokenizer, resolve_template(template, tokenizer))
     n_rows = n_bad = 0
     for split in splits:

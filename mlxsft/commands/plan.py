@@ -48,7 +48,7 @@ def plan(config_path, memory_budget, **flags) -> None:
     profile = None
     if cfg.data:
         from mlxsft.model.loading import load_tokenizer
-        from mlxsft.train.loop import encode_split
+        from mlxsft.train.setup import encode_split
 
         encoded, _ = encode_split(cfg, load_tokenizer(str(path)), cfg.data, "train")
         profile = profile_data(encoded, run_shape(cfg), pack=cfg.pack is not False)

@@ -60,9 +60,9 @@ def _pre_type(tok: dict) -> str:
 
 def _fast_tokenizer_json(model_dir: Path) -> dict:
     """tokenizer.json content for a vocab.json + merges.txt tokenizer (built by transformers)."""
-    from transformers import AutoTokenizer
+    from mlxsft.model.loading import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    tokenizer = load_tokenizer(model_dir)
     return json.loads(tokenizer.backend_tokenizer.to_str())
 
 

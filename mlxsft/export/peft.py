@@ -1,69 +1,23 @@
-"""mlx-lm/mlxsft LoRA adapters <-> Hugging Face PEFT LoRA adapters.
-
-mlx-lm: `adapters.safetensors` with `<module>.lora_a` (in, r) and `<module>.lora_b` (r, out),
-output `W x + scale * (x A) B`; `adapter_config.json` {fine_tune_type, num_layers,
-lora_parameters{rank, scale, dropout, keys}} adapting the last `num_layers` blocks.
-PEFT: `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` (r, in) and
-`lora_B.weight` (out, r), output `W x + (lora_alpha / r) B A x`; `adapter_config.json` with
-peft_type LORA, r, lora_alpha, target_modules, layers_to_transform. DoRA's magnitude `m` (out,)
-maps to PEFT's `lora_magnitude_vector` (both normalise each output row of W + scale B A).
-"""
+"""Export an mlx-lm/mlxsft LoRA/DoRA adapter as a Hugging Face PEFT adapter (the layouts: see
+`mlxsft.model.peft`, which also converts PEFT adapters back for loading)."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlxsft.errors import UserError
-
-PEFT_PREFIX = "base_model.model."
-_MLX_LEAF = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "m": "lora_magnitude_vector"}
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def is_peft_adapter(adapter_dir: str | Path) -> bool:
-    """True for a PEFT adapter dir (adapter_config.json with peft_type + adapter_model.*)."""
-    d = Path(adapter_dir)
-    cfg = d / "adapter_config.json"
-    if not cfg.is_file() or not (d / "adapter_model.safetensors").is_file():
-        return False
-    try:
-        return "peft_type" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def _load_np(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # bf16 tensors: NumPy has no bfloat16
-        if "bf16" not in str(exc).lower() and "bfloat16" not in str(exc).lower():
-            raise
-    import mlx.core as mx
-
-    return {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(path)).items()}
-
-
-def _save_np(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
-
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata)
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(
-            f"no {path.name}",
-            where=str(path.parent),
-            hint="pass an adapter directory (the output of `mlxsft train`)",
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+from mlxsft.model.peft import (
+    LAYER_RE,
+    MLX_TO_PEFT,
+    PEFT_PREFIX,
+    load_tensors,
+    read_adapter_json,
+    save_tensors,
+)
 
 
 def _run_model(adapter_dir: Path) -> str | None:
@@ -79,7 +33,7 @@ def convert_mlx_to_peft(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(PEFT weights, PEFT adapter_config) for an mlx-lm style LoRA/DoRA adapter dir."""
     d = Path(adapter_dir)
-    cfg = _read_config(d / "adapter_config.json")
+    cfg = read_adapter_json(d / "adapter_config.json")
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise UserError(
@@ -92,17 +46,17 @@ def convert_mlx_to_peft(
     weights: dict[str, np.ndarray] = {}
     modules: set[str] = set()
     layers: set[int] = set()
-    for name, w in _load_np(d / "adapters.safetensors").items():
+    for name, w in load_tensors(d / "adapters.safetensors").items():
         module, leaf = name.rsplit(".", 1)
-        if leaf not in _MLX_LEAF:
+        if leaf not in MLX_TO_PEFT:
             raise UserError(f"cannot export adapter tensor {name!r} to PEFT", where=str(d))
         if ".embed_tokens" in module or w.ndim > 2:
             raise UserError(
                 f"PEFT export supports Linear layers only, not {module!r}", where=str(d)
             )
-        weights[PEFT_PREFIX + module + "." + _MLX_LEAF[leaf]] = w.T if w.ndim == 2 else w
+        weights[PEFT_PREFIX + module + "." + MLX_TO_PEFT[leaf]] = w.T if w.ndim == 2 else w
         modules.add(module.rsplit(".", 1)[-1])
-        if m := _LAYER_RE.search(module):
+        if m := LAYER_RE.search(module):
             layers.add(int(m.group(1)))
     peft_cfg: dict[str, Any] = {
         "peft_type": "LORA",
@@ -131,84 +85,6 @@ def export_peft(
     weights, peft_cfg = convert_mlx_to_peft(adapter_dir, base_model=base_model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_np(out / "adapter_model.safetensors", weights, {"format": "pt"})
+    save_tensors(out / "adapter_model.safetensors", weights, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
     return out
-
-
-def convert_peft_to_mlx(
-    adapter_dir: str | Path,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(mlx-lm adapter weights, mlx-lm adapter_config) for a PEFT LoRA/DoRA adapter dir.
-
-    `num_layers` is -1 (every block gets LoRA layers): blocks the PEFT adapter leaves alone keep
-    mlx-lm's init (lora_b = 0, DoRA m = |W|), which is exactly the base model.
-    """
-    d = Path(adapter_dir)
-    cfg = _read_config(d / "adapter_config.json")
-    if cfg.get("peft_type") != "LORA":
-        raise UserError(
-            f"only PEFT LORA adapters are supported, not {cfg.get('peft_type')!r}", where=str(d)
-        )
-    for key, ok in (("use_rslora", False), ("bias", "none"), ("modules_to_save", None)):
-        if cfg.get(key, ok) not in (ok, [], False):
-            raise UserError(f"PEFT option {key}={cfg[key]!r} is not supported", where=str(d))
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise UserError("PEFT rank_pattern/alpha_pattern are not supported", where=str(d))
-    rank = int(cfg["r"])
-    weights: dict[str, np.ndarray] = {}
-    keys: set[str] = set()
-    to_mlx = {v: k for k, v in _MLX_LEAF.items()}
-    for name, w in _load_np(d / "adapter_model.safetensors").items():
-        if not name.startswith(PEFT_PREFIX):
-            raise UserError(f"unexpected PEFT tensor name {name!r}", where=str(d))
-        name = name[len(PEFT_PREFIX) :].replace(".default.", ".")
-        if name.endswith(".lora_magnitude_vector.weight"):  # older PEFT checkpoints
-            name = name[: -len(".weight")]
-        leaf = next((p for p in to_mlx if name.endswith("." + p)), None)
-        if leaf is None:
-            raise UserError(f"cannot convert PEFT tensor {name!r}", where=str(d))
-        module = name[: -len(leaf) - 1]
-        weights[f"{module}.{to_mlx[leaf]}"] = w.T if w.ndim == 2 else w
-        keys.add(_LAYER_RE.split(module)[-1] if _LAYER_RE.search(module) else module)
-    mlx_cfg = {
-        "fine_tune_type": "dora" if cfg.get("use_dora") else "lora",
-        "num_layers": -1,
-        "lora_parameters": {
-            "rank": rank,
-            "scale": float(cfg["lora_alpha"]) / rank,
-            "dropout": float(cfg.get("lora_dropout", 0.0)),
-            "keys": sorted(keys),
-        },
-        "model": cfg.get("base_model_name_or_path"),
-    }
-    return weights, mlx_cfg
-
-
-def import_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the mlx-lm adapter dir (adapters.safetensors + adapter_config.json) of a PEFT one."""
-    weights, cfg = convert_peft_to_mlx(adapter_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _save_np(out / "adapters.safetensors", weights, {"format": "mlx"})
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
-
-def ensure_mlx_adapter(adapter_dir: str | Path, cache_root: str | Path | None = None) -> Path:
-    """`adapter_dir` itself for an mlx-lm adapter; for a PEFT one, a converted mlx-lm copy.
-
-    The copy goes to `<cache_root or temp dir>/mlxsft-peft-<hash>` (keyed by the PEFT dir's path
-    and file times), so loaders that take an mlx-lm adapter dir accept PEFT dirs too; the PEFT
-    dir itself is never written to.
-    """
-    import hashlib
-    import tempfile
-
-    d = Path(adapter_dir)
-    if not is_peft_adapter(d):
-        return d
-    files = [d / "adapter_config.json", d / "adapter_model.safetensors"]
-    key = str(d.resolve()) + "".join(str(f.stat().st_mtime_ns) for f in files)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return import_peft(d, Path(cache_root or tempfile.gettempdir()) / f"mlxsft-peft-{digest}")

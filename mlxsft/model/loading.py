@@ -278,8 +278,8 @@ def load(
 
 def _load_adapter(model: Any, adapter: Path) -> Any:
     """Apply an mlxsft / mlx-lm adapter dir, or a PEFT one (converted on the fly), to `model`."""
-    from mlxsft.export.peft import ensure_mlx_adapter
     from mlxsft.model import lora
+    from mlxsft.model.peft import ensure_mlx_adapter
 
     adapter = ensure_mlx_adapter(adapter)
     for name in ("adapter_config.json", "adapters.safetensors"):

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxsft import _mlxlm
 from mlxsft.errors import ModelError, UserError
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
@@ -124,10 +125,10 @@ def _new_linear(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Modul
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
-    layers = getattr(model, "layers", None)
-    if not layers:
+    blocks = _mlxlm.transformer_blocks(model)
+    if not blocks:
         raise ModelError(f"{type(model).__name__} has no transformer `layers` to adapt")
-    return list(layers)
+    return blocks
 
 
 def _linear_keys(block: nn.Module) -> list[str]:
@@ -278,8 +279,6 @@ def fuse_adapters(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:
-        from mlxsft import _mlxlm
-
         _mlxlm.dequantize(model)
     return model
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
 from mlxsft.config import TrainConfig, save_config
 from mlxsft.data.batching import BatchPlan, make_batch, plan_epoch
@@ -27,7 +26,6 @@ from mlxsft.train import checkpoint as ckpt
 from mlxsft.train.distributed import World, init_world
 from mlxsft.train.evaluate import evaluate
 from mlxsft.train.progress import Progress, peak_memory_gb
-from mlxsft.train.setup import encode_split  # noqa: F401  (re-exported for `mlxsft plan`)
 
 
 class TrainingDiverged(UserError):
@@ -102,7 +100,7 @@ def _compile_ok(world: World, model: Any) -> bool:
 
     params = tree_flatten(model.trainable_parameters())
     n = sum(v.size for _, v in params)
-    return len({v.dtype for _, v in params}) == 1 and n <= getattr(step, "REDUCE_GROUP", 0)
+    return len({v.dtype for _, v in params}) == 1 and n <= step.REDUCE_GROUP
 
 
 class _Run:
@@ -121,7 +119,6 @@ class _Run:
         self.out = Path(cfg.output)
         self.resume_from = ckpt.find_resume(self.out, cfg.resume)
         mx.random.seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)  # the run's NumPy RNG, saved in checkpoints
         _wire_memory()
         self.prep = prepare(cfg)
         self.model = self.prep.model
@@ -136,8 +133,6 @@ class _Run:
         self.state = ckpt.TrainState()
         if self.resume_from is not None:
             self.state = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer)
-            if self.state.np_rng:
-                self.rng.bit_generator.state = self.state.np_rng
         _decorrelate_ranks(world)
         self.elapsed_before = self.state.elapsed_s
         if world.is_main:
@@ -213,10 +208,8 @@ class _Run:
 
     def _memory_warning(self) -> str | None:
         """`mlxsft plan`'s one-line warning when the estimated peak exceeds the memory budget."""
-        try:
-            from mlxsft.plan import memory_warning, profile_data, run_shape
-        except ImportError:
-            return None
+        from mlxsft.plan import memory_warning, profile_data, run_shape
+
         try:
             shape = run_shape(self.cfg)
             profile = profile_data(self.prep.train, shape, pack=self.prep.pack)
@@ -226,7 +219,6 @@ class _Run:
 
     def save(self) -> Path | None:
         """A checkpoint of the current state (rank 0 writes; every rank waits)."""
-        self.state.np_rng = self.rng.bit_generator.state
         self.state.elapsed_s = self._elapsed()
         path = None
         if self.world.is_main:

@@ -100,7 +100,7 @@ def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, dict[str, Any], l
     if _mlxlm.is_quantized(model):
         notes.append("quantized base: LoRA on a frozen quantized model (QLoRA)")
     if cfg.adapter:
-        from mlxsft.export.peft import ensure_mlx_adapter
+        from mlxsft.model.peft import ensure_mlx_adapter
 
         adapter = ensure_mlx_adapter(cfg.adapter)  # a PEFT adapter dir is converted on the fly
         model = lora.load_adapters(model, adapter)

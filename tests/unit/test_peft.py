@@ -10,13 +10,8 @@ from _export_utils import adapted_logits, write_random_adapter
 from safetensors.numpy import load_file
 
 from mlxsft.errors import UserError
-from mlxsft.export.peft import (
-    convert_peft_to_mlx,
-    ensure_mlx_adapter,
-    export_peft,
-    import_peft,
-    is_peft_adapter,
-)
+from mlxsft.export.peft import export_peft
+from mlxsft.model.peft import convert_peft_to_mlx, ensure_mlx_adapter, import_peft, is_peft_adapter
 
 IDS = [1, 40, 41, 300, 7, 99, 12]
 
