@@ -101,12 +101,16 @@ def _imports(name: str) -> list[tuple[str, str | None, int]]:
 def _defined(module: str) -> set[str]:
     """Names a module binds at top level other than by importing them."""
     names: set[str] = set()
-    for node in ast.walk(TREES[module]):
+    todo = list(TREES[module].body)
+    while todo:
+        node = todo.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):  # top-level blocks bind names too
+            todo += [n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt)]
     return names
 
 
