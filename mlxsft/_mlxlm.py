@@ -66,13 +66,6 @@ def load_model(path: Path, *, lazy: bool = False) -> tuple[nn.Module, dict]:
     return _load_model(Path(path), lazy=lazy, trust_remote_code=False)
 
 
-def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
-    """Apply an mlx-lm style adapter dir (`adapters.safetensors` + `adapter_config.json`)."""
-    from mlx_lm.utils import load_adapters as _load_adapters
-
-    return _load_adapters(model, str(adapter_path))
-
-
 def load_tokenizer_wrapper(path: Path, eos_token_ids: Any = None) -> Any:
     """mlx-lm's TokenizerWrapper (streaming detokenizer, eos set) for generation."""
     from mlx_lm.utils import load_tokenizer

@@ -231,11 +231,13 @@ def test_parameter_counts_and_no_double_wrap(tiny_llama, tiny_llama_q4):
 
 def test_fuse_handles_mlx_lm_adapter_layers(tiny_llama, tmp_path):
     """A model whose adapters mlx-lm applied (its own LoRA classes) fuses the same way."""
+    from mlx_lm.utils import load_adapters as mlx_lm_load_adapters
+
     model = load(tiny_llama)
     config = apply_adapters(model, fine_tune_type="lora", rank=4)
     randomize_adapters(model)
     save_adapters(model, tmp_path, config)
-    theirs = _mlxlm.load_adapters(load(tiny_llama), tmp_path)
+    theirs = mlx_lm_load_adapters(load(tiny_llama), str(tmp_path))
     assert type(theirs.layers[0].mlp.up_proj).__module__.startswith("mlx_lm")
     adapted = logits(theirs)
     with pytest.raises(UserError, match="already has adapters"):
