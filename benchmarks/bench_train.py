@@ -96,7 +96,7 @@ def _soup(rng: np.random.Generator, words: list[str], n_words: int) -> str:
 
 def build(work: Path, s: Setting) -> tuple[Path, Path]:
     """(model dir, data dir with train.jsonl / valid.jsonl), cached in `work`."""
-    from mlxsft.model.tiny import build_tiny_checkpoint
+    from mlxsft.demo_model import build_tiny_checkpoint
 
     model = work / f"llama-v{s.vocab}-d{s.hidden}-l{s.layers}"
     data = work / f"data-{s.n_train}-{s.n_valid}"

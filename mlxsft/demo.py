@@ -106,7 +106,7 @@ def task_of(prompt: str) -> str:
 def tiny_model(data_dir: Path = DEMO_DATA, *, echo: Callable[[str], None] = print) -> Path:
     """The demo's tiny model under cache_root()/demo, built on first use (tokenizer trained on the
     demo's train split), reused after; the cache key covers the settings and the data."""
-    from mlxsft.model.tiny import build_tiny_checkpoint
+    from mlxsft.demo_model import build_tiny_checkpoint
 
     train_text = (data_dir / "train.jsonl").read_bytes()
     key = hashlib.sha256(json.dumps(TINY_MODEL, sort_keys=True).encode() + train_text)
@@ -186,9 +186,9 @@ def show_examples(model: str, data: Path, *, n: int, echo: Callable[[str], None]
     """`mlxsft data inspect`'s rendering of the first `n` training rows (trained tokens marked)."""
     import sys
 
-    from mlxsft.commands.data import marked_text
     from mlxsft.data.encode import encode_dataset
     from mlxsft.data.formats import read_examples
+    from mlxsft.data.stats import marked_text
     from mlxsft.data.templates import resolve_template
     from mlxsft.model.loading import load_tokenizer
 

@@ -25,10 +25,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: `tiny_checkpoint(arch="llama", **kw) -> Path`, cached per (arch, kw).
 
-    Keyword arguments are those of `mlxsft.model.tiny.build_tiny_checkpoint`. Treat the returned
+    Keyword arguments are those of `mlxsft.demo_model.build_tiny_checkpoint`. Treat the returned
     directory as read-only; copy it (shutil.copytree) before changing files in it.
     """
-    from mlxsft.model.tiny import build_tiny_checkpoint
+    from mlxsft.demo_model import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     cache: dict[tuple, Path] = {}

@@ -6,10 +6,10 @@ symbol and a 2-4 layer model can learn the rule (not the rows) in a few CPU minu
 are disjoint by prompt: no test or validation prompt appears in training, so accuracy on the
 test split measures a learned rule.
 
-    python examples/data/make_demo_data.py          # rewrites both copies below
+    python examples/data/make_demo_data.py          # rewrites mlxsft/demo_data/
 
-Writes examples/data/demo/{train,valid,test}.jsonl and the packaged copy mlxsft/demo_data/
-(a test checks that the two are identical).
+Writes mlxsft/demo_data/{train,valid,test}.jsonl, the only copy (packaged with mlxsft; a test
+checks that it regenerates exactly).
 """
 
 from __future__ import annotations
@@ -96,17 +96,15 @@ def make_splits(seed: int = SEED, sizes: dict[str, int] = SIZES) -> dict[str, li
     return splits
 
 
-def write(out_dirs: list[Path], seed: int = SEED) -> None:
-    """Write train/valid/test.jsonl into every directory of `out_dirs` (byte-identical)."""
-    splits = make_splits(seed)
-    for out in out_dirs:
-        out.mkdir(parents=True, exist_ok=True)
-        for split, rows in splits.items():
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            (out / f"{split}.jsonl").write_text(text, encoding="utf-8")
+def write(out: Path, seed: int = SEED) -> None:
+    """Write train/valid/test.jsonl into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in make_splits(seed).items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (out / f"{split}.jsonl").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parents[2]
-    write([root / "examples" / "data" / "demo", root / "mlxsft" / "demo_data"])
+    write(root / "mlxsft" / "demo_data")
     print("wrote", {k: len(v) for k, v in make_splits().items()})

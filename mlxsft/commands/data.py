@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from mlxsft.config import TrainConfig
+
 TEMPLATE_HELP = (
     "auto (the model's own chat template, else alpaca), alpaca, chatml, llama3, mistral, gemma, "
     "phi3, tokenizer, or a path to a .jinja file"
@@ -15,7 +17,6 @@ TEMPLATE_HELP = (
 FORMATS = ("auto", "chat", "alpaca", "completion", "text")  # = data.formats.FORMATS (not imported:
 # this module imports only click)
 FORMAT_HELP = "Row format; auto: detected per file from the first row with known keys."
-GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 
 
 @click.group()
@@ -35,7 +36,8 @@ def data() -> None:
     show_default=True,
     help="responses: every assistant turn; last: the final one; all: every token.",
 )
-@click.option("--max-seq-len", type=click.IntRange(min=2), default=None, help="Truncate to N.")
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=TrainConfig.max_seq_len,
+              show_default=True, help="Truncate examples to N tokens, as `train` does.")  # fmt: skip
 @click.option("-n", "num", type=click.IntRange(min=0), default=3, show_default=True,
               help="Examples to show (0: all).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example, then stats.")
@@ -51,7 +53,7 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
     """
     from mlxsft.data.encode import encode_dataset
     from mlxsft.data.formats import read_examples
-    from mlxsft.data.stats import format_stats
+    from mlxsft.data.stats import format_stats, marked_text
     from mlxsft.data.templates import resolve_template, template_warnings
     from mlxsft.errors import DataError
     from mlxsft.model.loading import load_tokenizer
@@ -80,9 +82,11 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
     color = sys.stdout.isatty() if color is None else color
     click.echo(
         f"template: {chat_template.name}   format: {examples[0].kind}   train on: {train_on}"
+        f"   max seq len: {max_seq_len}"
     )
     for enc in shown:
-        click.echo(f"\n--- {enc.source}  ({enc.n_tokens} tokens, {enc.n_trained} trained)")
+        cut = f", truncated to {max_seq_len}" if enc.truncated else ""
+        click.echo(f"\n--- {enc.source}  ({enc.n_tokens} tokens, {enc.n_trained} trained{cut})")
         click.echo(marked_text(tokenizer, enc.input_ids, enc.loss_mask, color=color))
     click.echo("\n" + format_stats(stats))
 
@@ -104,21 +108,6 @@ def _drop_problem(out) -> str:
     if out.reason == "template raised":  # the detail already says which template and why
         return out.detail
     return f"{out.reason} ({out.detail})" if out.detail else out.reason
-
-
-def marked_text(tokenizer, input_ids, loss_mask, *, color: bool) -> str:
-    """Decode runs of equally-masked tokens; trained runs in green or inside [[...]]."""
-    parts: list[str] = []
-    start = 0
-    n = len(input_ids)
-    for i in range(1, n + 1):
-        if i == n or loss_mask[i] != loss_mask[start]:
-            text = tokenizer.decode([int(t) for t in input_ids[start:i]], skip_special_tokens=False)
-            if loss_mask[start]:
-                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
-            parts.append(text)
-            start = i
-    return "".join(parts)
 
 
 @data.command()

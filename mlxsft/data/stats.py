@@ -1,5 +1,6 @@
 """Dataset statistics for `mlxsft data inspect`: sizes, trained fraction, drops and warnings,
-and the padding a batch size would waste (file order vs. sorted-length buckets)."""
+the padding a batch size would waste (file order vs. sorted-length buckets), and examples shown
+with their trained tokens marked."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from mlxsft.data.types import Dropped, Encoded
 
 MAX_LISTED = 5  # sources listed per warning
+GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 
 
 @dataclass
@@ -128,3 +130,18 @@ def format_stats(s: DatasetStats) -> str:
         for item in items:
             lines.append(f"{label}: {item}")
     return "\n".join(lines)
+
+
+def marked_text(tokenizer, input_ids, loss_mask, *, color: bool) -> str:
+    """Decode runs of equally-masked tokens; trained runs in green or inside [[...]]."""
+    parts: list[str] = []
+    start = 0
+    n = len(input_ids)
+    for i in range(1, n + 1):
+        if i == n or loss_mask[i] != loss_mask[start]:
+            text = tokenizer.decode([int(t) for t in input_ids[start:i]], skip_special_tokens=False)
+            if loss_mask[start]:
+                text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
+            parts.append(text)
+            start = i
+    return "".join(parts)

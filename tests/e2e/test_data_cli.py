@@ -112,6 +112,16 @@ def test_inspect_marks_trained_tokens_and_prints_stats(tmp_path, model_dir):
     assert f"{data}:2" not in out  # -n 1
 
 
+def test_inspect_truncates_as_train_does_and_says_so(tmp_path, model_dir):
+    data = write(tmp_path / "d.jsonl", GOOD)
+    args = ["data", "inspect", str(data), "--model", str(model_dir), "-t", "chatml", "-n", "0"]
+    out = run(*args).stdout
+    assert "   max seq len: 2048\n" in out and "truncated to" not in out  # train's default
+    out = run(*args, "--max-seq-len", "14").stdout
+    assert "   max seq len: 14\n" in out
+    assert f"--- {data}:1  (14 tokens, 2 trained, truncated to 14)\n" in out
+
+
 def test_inspect_json_contract(tmp_path, model_dir):
     data = write(tmp_path / "d.jsonl", GOOD)
     args = [

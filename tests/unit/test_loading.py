@@ -10,9 +10,9 @@ import mlx.core as mx
 import pytest
 
 from mlxsft import _mlxlm
+from mlxsft.demo_model import SPECIAL_TOKENS, build_tokenizer
 from mlxsft.errors import ModelError
 from mlxsft.model import loading
-from mlxsft.model.tiny import SPECIAL_TOKENS, build_tokenizer
 
 
 def _error(fn, *args, **kw) -> str:

@@ -1,4 +1,4 @@
-"""Tiny HF-format checkpoints and in-process trained tokenizers, for tests and `mlxsft demo`.
+"""Tiny HF-format checkpoints and in-process trained tokenizers, for `mlxsft demo` and the tests.
 
 `build_tokenizer` trains a small byte-level BPE tokenizer (deterministic, no network) with the
 special and chat-marker tokens real models use; `build_tiny_checkpoint` writes a directory that
@@ -32,46 +32,6 @@ CHAT_MARKERS = [
     "[/INST]",
 ]
 SPECIAL_TOKENS = [PAD, BOS, EOS, *CHAT_MARKERS]  # ids 0.. in this order
-
-# Small but realistic chat templates (the shapes of the real ones), by name.
-CHAT_TEMPLATES: dict[str, str] = {
-    "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-        "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-    "llama3": (
-        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-        "{% endif %}"
-    ),
-    "gemma": (
-        "{{ bos_token }}{% for message in messages %}"
-        "{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
-        "{% else %}{% set role = message['role'] %}{% endif %}"
-        "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-    ),
-    "phi3": (
-        "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + "
-        "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
-        "{% endif %}"
-    ),
-    "mistral": (
-        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-        "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-        "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
-    ),
-}
-# The token that ends an assistant turn in each named template (generation stops on it).
-END_OF_TURN = {
-    "chatml": "<|im_end|>",
-    "llama3": "<|eot_id|>",
-    "gemma": "<end_of_turn>",
-    "phi3": "<|end|>",
-    "mistral": EOS,
-}
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 _ARCHITECTURES = {
@@ -131,14 +91,14 @@ def default_corpus(n_sentences: int = 300, seed: int = 0) -> list[str]:
 
 
 def resolve_chat_template(chat_template: str | None) -> str | None:
-    """A named template (`chatml`, `llama3`, `gemma`, `phi3`, `mistral`) or a Jinja string."""
+    """A built-in template's name (`chatml`, `llama3`, ..., see data/builtin_templates) or Jinja."""
+    from mlxsft.data.templates import BUILTIN, builtin_source
+
     if chat_template is None or "{" in chat_template:
         return chat_template
-    if chat_template not in CHAT_TEMPLATES:
-        raise ValueError(
-            f"unknown tiny chat template {chat_template!r}; one of {list(CHAT_TEMPLATES)}"
-        )
-    return CHAT_TEMPLATES[chat_template]
+    if chat_template not in BUILTIN:
+        raise ValueError(f"unknown tiny chat template {chat_template!r}; one of {list(BUILTIN)}")
+    return builtin_source(chat_template)
 
 
 def build_tokenizer(
@@ -266,6 +226,18 @@ def _seeded_weights(model, seed: int) -> dict:
     return weights
 
 
+def _stop_ids(path: Path) -> int | list[int]:
+    """EOS and the chat template's end-of-turn token, as generation derives them."""
+    from mlxsft.data.render import Renderer
+    from mlxsft.data.templates import resolve_template
+    from mlxsft.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(path))
+    template = resolve_template("tokenizer", tokenizer) if tokenizer.chat_template else None
+    ids = sorted(Renderer(tokenizer, template).stop_ids)
+    return ids[0] if len(ids) == 1 else ids
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     arch: str = "llama",
@@ -325,10 +297,6 @@ def build_tiny_checkpoint(
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata=metadata)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
-    eos_ids: int | list[int] = 2
-    end = END_OF_TURN.get(chat_template or "")
-    if end is not None and end != EOS:
-        eos_ids = [2, SPECIAL_TOKENS.index(end)]
-    generation = {"bos_token_id": 1, "eos_token_id": eos_ids, "pad_token_id": 0}
+    generation = {"bos_token_id": 1, "eos_token_id": _stop_ids(out), "pad_token_id": 0}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     return out
