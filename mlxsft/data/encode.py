@@ -53,12 +53,9 @@ def encode_example(
     template: ChatTemplate | None,
     train_on: str = "responses",
     max_seq_len: int | None = None,
-    *,
-    bos_id: int | None | bool = False,
 ) -> Encoded | Dropped:
-    """Encode one example. `bos_id` defaults to probing the tokenizer (pass it to save a call)."""
-    renderer = Renderer(tokenizer, template, bos_id=bos_id)
-    return encode_with(renderer, example, train_on, max_seq_len)
+    """Encode one example (a dataset shares one Renderer: see encode_dataset)."""
+    return encode_with(Renderer(tokenizer, template), example, train_on, max_seq_len)
 
 
 def encode_dataset(

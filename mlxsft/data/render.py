@@ -224,22 +224,18 @@ def _end_of_turn_ids(template: ChatTemplate, tokenizer: Any) -> set[int]:
 
 class Renderer:
     """A tokenizer and chat template (None: raw text only) turning conversations into ids.
-
-    `bos_id` defaults to probing the tokenizer; `eos_token_id` (the model config's, an int or a
-    list) adds to the stop tokens.
-    """
+    `eos_token_id` (the model config's, an int or a list) adds to the stop tokens."""
 
     def __init__(
         self,
         tokenizer: Any,
         template: ChatTemplate | None,
         *,
-        bos_id: int | None | bool = False,
         eos_token_id: int | list[int] | None = None,
     ):
         self.tokenizer = tokenizer
         self.template = template
-        self.bos_id = bos_if_added(tokenizer) if bos_id is False else bos_id
+        self.bos_id = bos_if_added(tokenizer)
         self.markers = eot_markers(tokenizer)
         self._eos = eos_token_id
         self._stop_ids: frozenset[int] | None = None
