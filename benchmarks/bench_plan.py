@@ -82,7 +82,7 @@ def measure(spec: dict, steps: int = 3) -> dict:
     from mlxsft.data.batching import make_batch, plan_epoch
     from mlxsft.model.lora import apply_adapters
     from mlxsft.plan import RunShape
-    from mlxsft.train.loss import FULL_HEAD, selective_head
+    from mlxsft.train.loss import choose_loss
     from mlxsft.train.step import enable_grad_checkpoint, make_train_step
 
     run = RunShape(**spec["run"])
@@ -98,8 +98,8 @@ def measure(spec: dict, steps: int = 3) -> dict:
     )
     if run.grad_checkpoint:
         enable_grad_checkpoint(model)
-    head = selective_head() if run.selective_loss else FULL_HEAD
-    step = make_train_step(model, optim.AdamW(1e-4), max_grad_norm=None, head=head)
+    loss = choose_loss("selective" if run.selective_loss else "full", model)
+    step = make_train_step(model, optim.AdamW(1e-4), max_grad_norm=None, loss=loss)
     encoded = synthetic_encoded(200, spec["model"]["vocab_size"], run.max_seq_len)
     plans = plan_epoch(
         encoded,

@@ -114,7 +114,7 @@ def make_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
 # argument, but every decoder layer takes `layer(h, mask, cache)` and hands `mask` on to
 # `mx.fast.scaled_dot_product_attention` (or, for gemma2, adds it to the scores). So for the
 # architectures below we run the inner model's steps ourselves (embed -> layers -> norm) with the
-# caller's mask. Each entry was checked against the mlx-lm source: `hidden_states(mask=causal)`
+# caller's mask. Each entry was checked against the mlx-lm source: `hidden_states(attn_mask=causal)`
 # equals the model's own pass (tests/parity/test_forward.py).
 # ---------------------------------------------------------------------------------------------
 
@@ -204,20 +204,22 @@ def _layer_mask(mask: mx.array, inner: nn.Module, layer: nn.Module, dtype: mx.Dt
     return mask
 
 
-def hidden_states(model: nn.Module, inputs: mx.array, mask: mx.array | None = None) -> mx.array:
+def hidden_states(
+    model: nn.Module, inputs: mx.array, attn_mask: mx.array | None = None
+) -> mx.array:
     """Final normed hidden states (B, L, D) for token ids `inputs` (B, L).
 
-    `mask` is a (B, 1, L, L) bool (True = attend) or additive float mask; None means the model's
+    `attn_mask` is a (B, 1, L, L) bool (True = attend) or additive float mask; None means the model's
     own causal mask. Every query row must attend to at least one key (see `block_causal_mask`).
     Positions are not reset inside a row: with RoPE only relative positions matter, so a
     block-diagonal causal mask gives each packed example the logits it would get alone.
     """
     inner = _check_supported(model)
-    if mask is None:
+    if attn_mask is None:
         return inner(inputs)
     B, L = inputs.shape
-    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (L, L):
-        raise ValueError(f"attention mask must have shape (B, 1, {L}, {L}), got {mask.shape}")
+    if attn_mask.ndim != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[-2:] != (L, L):
+        raise ValueError(f"attention mask must have shape (B, 1, {L}, {L}), got {attn_mask.shape}")
     h = inner.embed_tokens(inputs)  # (B, L, D)
     scale = _MASK_ARCHS[model_type(model)]
     if scale == "float":
@@ -225,31 +227,50 @@ def hidden_states(model: nn.Module, inputs: mx.array, mask: mx.array | None = No
     elif scale == "bf16":
         h = h * mx.array(inner.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
     for layer in inner.layers:
-        h = layer(h, _layer_mask(mask, inner, layer, h.dtype), None)
+        h = layer(h, _layer_mask(attn_mask, inner, layer, h.dtype), None)
     return inner.norm(h)
+
+
+def output_head(model: nn.Module) -> tuple[nn.Module, bool, float | None]:
+    """(the module that maps hidden states to logits, tied?, final-logit soft-cap or None).
+
+    Tied models have no `lm_head` child: their embedding (`as_linear`) is the head.
+    """
+    _check_supported(model)
+    tied = "lm_head" not in model
+    module = model.model.embed_tokens if tied else model.lm_head
+    return module, tied, getattr(model, "final_logit_softcapping", None) or None
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the output head (the vocabulary the logits cover)."""
+    module, _, _ = output_head(model)
+    return int(module.weight.shape[0])
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks, in order (what gradient checkpointing wraps)."""
+    return list(model.layers)
 
 
 def lm_head(model: nn.Module, h: mx.array) -> mx.array:
     """Logits (..., V) from final hidden states (..., D): tied or untied, gemma2 soft-capping."""
-    _check_supported(model)
-    # Tied models have no lm_head child; a QuantizedEmbedding has as_linear too.
-    head = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
-    logits = head(h)  # (..., V)
-    cap = getattr(model, "final_logit_softcapping", None)
+    module, tied, cap = output_head(model)
+    logits = (module.as_linear if tied else module)(h)  # (..., V)
     if cap:
         logits = mx.tanh(logits / cap) * cap
     return logits
 
 
-def forward(model: nn.Module, inputs: mx.array, mask: mx.array | None = None) -> mx.array:
-    """Logits (B, L, V) for `inputs` (B, L); `mask` as in `hidden_states`.
+def forward(model: nn.Module, inputs: mx.array, attn_mask: mx.array | None = None) -> mx.array:
+    """Logits (B, L, V) for `inputs` (B, L); `attn_mask` as in `hidden_states`.
 
     Without a mask this is exactly `model(inputs)` (any architecture); with one it needs
     `supports_mask(model)`.
     """
-    if mask is None:
+    if attn_mask is None:
         return model(inputs)
-    return lm_head(model, hidden_states(model, inputs, mask))
+    return lm_head(model, hidden_states(model, inputs, attn_mask))
 
 
 # ---------------------------------------------------------------------------------------------

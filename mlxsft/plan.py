@@ -181,9 +181,9 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
         activations = shape.n_layers * n_tok * w["D"] * a + layer
     else:
         activations = shape.n_layers * layer
-    if run.selective_loss:
-        from mlxsft.train.chunked_ce import default_chunk_size  # light: mlx already needed
+    from mlxsft.train.loss import SELECTIVE_MIN_VOCAB, default_chunk_size  # mlx already needed
 
+    if run.selective_loss and shape.vocab >= SELECTIVE_MIN_VOCAB:  # as `loss.choose_loss`
         k = min(n_tok, int(n_tok * min(1.0, run.trained_fraction + 1 / 8)))
         loss = int(min(k, default_chunk_size(shape.vocab)) * shape.vocab * 4 * C_CHUNK)
         loss += k * w["D"] * 4

@@ -65,7 +65,7 @@ def default_split(data: str) -> str:
 def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, Any]:
     """`mlxsft eval`: loss, perplexity and trained tokens of cfg.model (+ cfg.adapter) on
     cfg.data, batched and masked as training does."""
-    from mlxsft.train.loss import head_for
+    from mlxsft.train.loss import choose_loss
     from mlxsft.train.setup import encode_rows, load_model, read_split, use_packing
     from mlxsft.train.step import make_eval_step
 
@@ -78,7 +78,7 @@ def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, A
     label = split if Path(cfg.data).is_dir() else Path(cfg.data).name
     encoded, note = encode_rows(cfg, loaded.tokenizer, rows, label)
     loss, n = evaluate(
-        make_eval_step(model, head=head_for(cfg.loss)),
+        make_eval_step(model, loss=choose_loss(cfg.loss, model)),
         encoded,
         batch_size=cfg.batch_size,
         max_seq_len=cfg.max_seq_len,

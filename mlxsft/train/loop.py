@@ -87,27 +87,11 @@ def _decorrelate_ranks(world: World) -> None:
         mx.random.seed((((hi << 32) | lo) + world.rank * 0x9E3779B97F4A7C15) % 2**64)
 
 
-def _compile_ok(world: World, model: Any) -> bool:
-    """Compile the step unless several collectives would share one compiled graph: with the
-    ring backend they can run in a different order on each rank, which mixes up gradients
-    (seen in testing). One message (all grads in one reduce group) is safe; lazy, uncompiled
-    graphs evaluate in the same order everywhere."""
-    if world.size == 1:
-        return True
-    from mlx.utils import tree_flatten
-
-    from mlxsft.train import step
-
-    params = tree_flatten(model.trainable_parameters())
-    n = sum(v.size for _, v in params)
-    return len({v.dtype for _, v in params}) == 1 and n <= step.REDUCE_GROUP
-
-
 class _Run:
     """One training run: set up in __init__, then `run()`."""
 
     def __init__(self, cfg: TrainConfig, stream: Any = None):
-        from mlxsft.train.loss import head_for
+        from mlxsft.train.loss import choose_loss
         from mlxsft.train.schedule import build_optimizer, build_schedule
         from mlxsft.train.setup import prepare
         from mlxsft.train.step import enable_grad_checkpoint, make_eval_step, make_train_step
@@ -146,15 +130,15 @@ class _Run:
             stream=stream,
             enabled=world.is_main,
         )
+        self.loss = choose_loss(cfg.loss, self.model)
         self.step_fn = make_train_step(
             self.model,
             self.optimizer,
             max_grad_norm=cfg.max_grad_norm,
             all_reduce=world.all_reduce,
-            compile=_compile_ok(world, self.model),
-            head=head_for(cfg.loss),
+            loss=self.loss,
         )
-        self.eval_fn = make_eval_step(self.model, head=head_for(cfg.loss))
+        self.eval_fn = make_eval_step(self.model, loss=self.loss)
         self.last_loss: float | None = None
         self.val_loss: float | None = None
         self.logged_compile = False
@@ -192,6 +176,8 @@ class _Run:
             save_config(cfg, self.out / "config.yaml")
         for note in self.prep.notes:
             log(note)
+        if self.loss != cfg.loss:
+            log(f"loss: {self.loss} logits (a vocabulary this small gains nothing from {cfg.loss})")
         warning = self._memory_warning()
         if warning:
             log(warning)

@@ -7,8 +7,9 @@ known up front from the masks. Each compiled micro-step adds grad(ce_sum / N) to
 the compiled update all-reduces (sums) it across ranks, clips it by global norm and applies it.
 Model, optimizer and RNG state are compiled state (`inputs=state, outputs=state`), so dropout
 draws fresh randomness every call. Shapes are fixed by batching, so traces stay few: at most one
-per (batch shape, packed, first/later micro-batch, loss-head bucket); `n_compilations`
-counts them.
+per (batch shape, packed, first/later micro-batch, selective-loss bucket); `n_compilations`
+counts them. Any number of gradient messages is all-reduced inside the compiled update: they
+are chained, so every rank runs its collectives in the same order.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from mlxsft import _mlxlm
 from mlxsft.data.batching import Batch
-from mlxsft.train.loss import FULL_HEAD, LossHead, ce_sum
+from mlxsft.train.loss import ce_sum, n_select_for
 
 AllReduce = Callable[[mx.array], mx.array]
 REDUCE_GROUP = 1 << 23  # elements per all-reduce call (32 MB of float32): few, large messages
@@ -34,9 +36,9 @@ def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array, mx.array | None
     return mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.target_mask), seg
 
 
-def _n_select(head: LossHead, batch: Batch) -> int | None:
-    """The head's static gather size for this batch (a compile-cache key), if it has one."""
-    return head.select(batch.n_trained, batch.inputs.size) if head.select else None
+def _n_select(loss: str, batch: Batch) -> int | None:
+    """The loss's static gather size for this batch (a compile-cache key), if it has one."""
+    return n_select_for(loss, batch.n_trained, batch.inputs.size)
 
 
 class TrainStep:
@@ -57,11 +59,12 @@ class TrainStep:
         max_grad_norm: float | None,
         compile: bool = True,
         all_reduce: AllReduce | None = None,
-        head: LossHead = FULL_HEAD,
+        loss: str = "full",
+        chunk_size: int | None = None,
     ):
         self.model, self.optimizer = model, optimizer
         self.max_grad_norm, self.compile, self.all_reduce = max_grad_norm, compile, all_reduce
-        self.head = head
+        self.loss, self.chunk_size = loss, chunk_size
         self.n_compilations = 0
         self.last_grad_norm: float | None = None
         self._state: list[Any] = []
@@ -72,7 +75,10 @@ class TrainStep:
     def _refresh_state(self) -> None:
         # Optimizer state must exist before tracing (its tree may not change inside a trace);
         # `init` keeps existing entries. Same list object (captured by mx.compile), current
-        # containers: survives a resume that assigns `optimizer.state = ...`.
+        # containers: survives a resume that assigns `optimizer.state = ...`. Cheap after the
+        # first call: only a replaced state container needs it.
+        if self._state and self._state[1] is self.optimizer.state:
+            return
         self.optimizer.init(self.model.trainable_parameters())
         self._state[:] = [self.model.state, self.optimizer.state, mx.random.state]
 
@@ -85,7 +91,14 @@ class TrainStep:
 
     def _loss(self, inputs, targets, target_mask, seg, inv_n, n_select):
         total, _ = ce_sum(
-            self.model, inputs, targets, target_mask, seg, head=self.head, n_select=n_select
+            self.model,
+            inputs,
+            targets,
+            target_mask,
+            seg,
+            loss=self.loss,
+            n_select=n_select,
+            chunk_size=self.chunk_size,
         )
         return total * inv_n, total
 
@@ -112,21 +125,22 @@ class TrainStep:
 
     def __call__(self, micro_batches: Sequence[Batch]) -> tuple[float, int]:
         assert micro_batches, "an optimizer step needs at least one micro-batch"
-        self.model.train()
+        if not self.model.training:
+            self.model.train()
         self._refresh_state()
-        n_total = mx.array(float(sum(b.n_trained for b in micro_batches)))
+        n = sum(b.n_trained for b in micro_batches)
         if self.all_reduce is not None:
-            n_total = self.all_reduce(n_total)
-        n = int(n_total.item())
+            n = int(self.all_reduce(mx.array(float(n))).item())
         if n == 0:  # nothing trained anywhere: no update (same decision on every rank)
             return 0.0, 0
         inv_n = mx.array(1.0 / n, mx.float32)
         loss_sum, grads = mx.array(0.0), None
         for k, batch in enumerate(micro_batches):
             acc = () if k == 0 else (grads,)
-            total, grads = self._micro(*_arrays(batch), inv_n, _n_select(self.head, batch), *acc)
+            total, grads = self._micro(*_arrays(batch), inv_n, _n_select(self.loss, batch), *acc)
             loss_sum = loss_sum + total
-            mx.eval(total, grads)  # bound memory: one micro-batch graph at a time
+            if k + 1 < len(micro_batches):
+                mx.eval(loss_sum, grads)  # bound memory: one micro-batch graph at a time
         norm = self._update(grads)
         if self.all_reduce is not None:
             loss_sum = self.all_reduce(loss_sum)
@@ -175,7 +189,8 @@ def make_train_step(
     max_grad_norm: float | None,
     compile: bool = True,
     all_reduce: AllReduce | None = None,
-    head: LossHead = FULL_HEAD,
+    loss: str = "full",
+    chunk_size: int | None = None,
 ) -> TrainStep:
     """A (compiled) optimizer step; see `TrainStep`."""
     return TrainStep(
@@ -184,18 +199,28 @@ def make_train_step(
         max_grad_norm=max_grad_norm,
         compile=compile,
         all_reduce=all_reduce,
-        head=head,
+        loss=loss,
+        chunk_size=chunk_size,
     )
 
 
 def make_eval_step(
-    model: nn.Module, *, compile: bool = True, head: LossHead = FULL_HEAD
+    model: nn.Module, *, compile: bool = True, loss: str = "full", chunk_size: int | None = None
 ) -> Callable[[Batch], tuple[mx.array, mx.array]]:
     """`eval_step(batch) -> (ce_sum, n_trained)` as lazy float32 scalars, masked as in training
     (dropout off during the call)."""
 
     def fn(inputs, targets, target_mask, seg, n_select):
-        return ce_sum(model, inputs, targets, target_mask, seg, head=head, n_select=n_select)
+        return ce_sum(
+            model,
+            inputs,
+            targets,
+            target_mask,
+            seg,
+            loss=loss,
+            n_select=n_select,
+            chunk_size=chunk_size,
+        )
 
     if compile:
         fn = mx.compile(fn, inputs=[model.state])
@@ -203,7 +228,7 @@ def make_eval_step(
     def eval_step(batch: Batch) -> tuple[mx.array, mx.array]:
         was_training = model.training
         model.eval()
-        out = fn(*_arrays(batch), _n_select(head, batch))
+        out = fn(*_arrays(batch), _n_select(loss, batch))
         model.train(was_training)
         return out
 
@@ -215,7 +240,7 @@ def enable_grad_checkpoint(model: nn.Module) -> nn.Module:
     only: each block instance's `__class__` becomes a checkpointing subclass of its class (one
     cached subclass per class); the class itself and every other instance are untouched.
     Call before the first train step (tracing bakes in the layer code)."""
-    for layer in model.layers:
+    for layer in _mlxlm.transformer_layers(model):
         base = type(layer)
         if getattr(base, "_mlxsft_checkpointed", False):
             continue

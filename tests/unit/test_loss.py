@@ -1,4 +1,4 @@
-"""Selective chunked cross-entropy == the plain full-logits loss, in value and gradients."""
+"""Selective chunked cross-entropy == the full-logits loss, in value and gradients."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlxsft import _mlxlm
-from mlxsft.train import chunked_ce
-from mlxsft.train.chunked_ce import (
+from mlxsft.train import loss as loss_module
+from mlxsft.train.loss import (
+    choose_loss,
     default_chunk_size,
-    plain_ce_sum,
+    full_ce,
     select_bucket,
-    selective_ce_sum,
+    selective_ce,
 )
 
 B, L = 2, 24
@@ -37,15 +38,15 @@ def _batch(vocab: int, seed: int = 0, packed: bool = True):
 def _value_and_grads(model: nn.Module, fn, batch, **kw):
     def loss(params):
         model.update(params)
-        return fn(model, *batch, **kw)[0]
+        return fn(model, *batch, **kw)
 
     value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
     return float(value), dict(tree_flatten(grads))
 
 
 def _assert_same(model, batch, atol=2e-5, **kw):
-    v0, g0 = _value_and_grads(model, plain_ce_sum, batch)
-    v1, g1 = _value_and_grads(model, selective_ce_sum, batch, **kw)
+    v0, g0 = _value_and_grads(model, full_ce, batch)
+    v1, g1 = _value_and_grads(model, selective_ce, batch, **kw)
     assert v1 == pytest.approx(v0, rel=1e-5)
     assert g0.keys() == g1.keys() and g0
     for name in g0:
@@ -90,13 +91,13 @@ def test_compiled_equals_eager_and_retraces_per_bucket(tiny_llama):
 
     def fn(inputs, targets, tmask, mask, k):
         traces.append(k)
-        return selective_ce_sum(model, inputs, targets, tmask, mask, n_select=k, chunk_size=8)
+        return selective_ce(model, inputs, targets, tmask, mask, n_select=k, chunk_size=8)
 
     compiled = mx.compile(fn)
     k = select_bucket(int(tmask.sum().item()), B * L)
-    eager = fn(inputs, targets, tmask, mask, k)[0].item()
+    eager = fn(inputs, targets, tmask, mask, k).item()
     for kk in (k, k, B * L):
-        assert compiled(inputs, targets, tmask, mask, kk)[0].item() == pytest.approx(eager, 1e-6)
+        assert compiled(inputs, targets, tmask, mask, kk).item() == pytest.approx(eager, 1e-6)
     assert traces == [k, k, B * L]  # eager call, then one trace per distinct bucket
 
 
@@ -112,19 +113,19 @@ def test_unknown_architecture_falls_back_and_says_so(tiny_llama):
     model, _ = _mlxlm.load_model(tiny_llama)
     model.model_type = "mystery"
     batch = _batch(model.args.vocab_size)
-    chunked_ce._warned.clear()
+    loss_module._warned.clear()
     with pytest.warns(UserWarning, match="selective loss disabled.*mystery"):
-        got = selective_ce_sum(model, *batch[:3])[0].item()
-    assert got == pytest.approx(plain_ce_sum(model, *batch[:3])[0].item(), rel=1e-6)
+        got = selective_ce(model, *batch[:3]).item()
+    assert got == pytest.approx(full_ce(model, *batch[:3]).item(), rel=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # said once, not every step
-        selective_ce_sum(model, *batch[:3])
+        selective_ce(model, *batch[:3])
 
 
 def test_trainable_head_with_bias_falls_back(tiny_llama):
     model, _ = _mlxlm.load_model(tiny_llama)
     model.lm_head = nn.Linear(model.args.hidden_size, model.args.vocab_size, bias=True)
-    chunked_ce._warned.clear()
+    loss_module._warned.clear()
     with pytest.warns(UserWarning, match="trainable Linear LM head"):
         _assert_same(model, _batch(model.args.vocab_size))
 
@@ -151,7 +152,7 @@ def test_peak_memory_is_a_fraction_of_full_logits():
     targets = mx.array(rng.integers(0, 8192, shape), mx.int32)
     tmask = mx.array((rng.random(shape) < 0.5).astype(np.float32))
     peaks = {}
-    for fn in (plain_ce_sum, selective_ce_sum):
+    for fn in (full_ce, selective_ce):
         mx.eval(inputs, targets, tmask)
         mx.clear_cache()
         mx.reset_peak_memory()
@@ -160,20 +161,20 @@ def test_peak_memory_is_a_fraction_of_full_logits():
             model,
             fn,
             (inputs, targets, tmask),
-            **({"chunk_size": 16} if fn is selective_ce_sum else {}),
+            **({"chunk_size": 16} if fn is selective_ce else {}),
         )
         peaks[fn.__name__] = mx.get_peak_memory() - base
     logits_bytes = 2 * 256 * 8192 * 4  # 16 MB of float32 logits
-    assert peaks["plain_ce_sum"] > logits_bytes
-    assert peaks["selective_ce_sum"] < 0.3 * peaks["plain_ce_sum"], peaks
+    assert peaks["full_ce"] > logits_bytes
+    assert peaks["selective_ce"] < 0.3 * peaks["full_ce"], peaks
 
 
 def test_bfloat16_model(tiny_checkpoint):
     model, _ = _mlxlm.load_model(tiny_checkpoint("llama", dtype="bfloat16"))
     assert model.model.norm.weight.dtype == mx.bfloat16
     batch = _batch(model.args.vocab_size)
-    v0, g0 = _value_and_grads(model, plain_ce_sum, batch)
-    v1, g1 = _value_and_grads(model, selective_ce_sum, batch, chunk_size=6)
+    v0, g0 = _value_and_grads(model, full_ce, batch)
+    v1, g1 = _value_and_grads(model, selective_ce, batch, chunk_size=6)
     assert v1 == pytest.approx(v0, rel=1e-3)
     for name in g0:  # bf16 gradients: compare relative to the gradient's scale
         a, b = np.array(g0[name].astype(mx.float32)), np.array(g1[name].astype(mx.float32))
@@ -181,12 +182,11 @@ def test_bfloat16_model(tiny_checkpoint):
 
 
 def test_compiled_train_step_same_update_as_full_logits(tiny_llama):
-    """The engine's compiled LoRA step: selective head == full-logits head, loss and update."""
+    """The engine's compiled LoRA step: selective loss == full-logits loss, loss and update."""
     import mlx.optimizers as optim
 
     from mlxsft.data.batching import Batch
     from mlxsft.model.lora import apply_adapters
-    from mlxsft.train.loss import FULL_HEAD, selective_head
     from mlxsft.train.step import make_train_step
 
     inputs, targets, tmask, _ = _batch(512)
@@ -197,11 +197,11 @@ def test_compiled_train_step_same_update_as_full_logits(tiny_llama):
         np.array(inputs), np.array(targets), np.array(tmask), seg, int(np.array(tmask).sum())
     )
     results = []
-    for head in (FULL_HEAD, selective_head()):
+    for kind in ("full", "selective"):
         model, _ = _mlxlm.load_model(tiny_llama)
         mx.random.seed(0)
         apply_adapters(model, rank=4)
-        step = make_train_step(model, optim.Adam(1e-2), max_grad_norm=None, head=head)
+        step = make_train_step(model, optim.Adam(1e-2), max_grad_norm=None, loss=kind)
         loss, n = step([batch])
         loss2, _ = step([batch])
         params = dict(tree_flatten(model.trainable_parameters()))
@@ -211,3 +211,23 @@ def test_compiled_train_step_same_update_as_full_logits(tiny_llama):
     assert l1 == pytest.approx(l0, rel=1e-5) and l1b == pytest.approx(l0b, rel=1e-4)
     for name in p0:
         np.testing.assert_allclose(np.array(p1[name]), np.array(p0[name]), atol=1e-4)
+
+
+def test_selective_only_for_a_large_vocabulary(tiny_llama):
+    small, _ = _mlxlm.load_model(tiny_llama)
+    assert small.args.vocab_size < loss_module.SELECTIVE_MIN_VOCAB
+    assert choose_loss("selective", small) == "full"
+    assert choose_loss("full", small) == "full"
+    big = _mlxlm.build_model(
+        {
+            "model_type": "llama",
+            "vocab_size": loss_module.SELECTIVE_MIN_VOCAB,
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 1,
+            "rms_norm_eps": 1e-6,
+        }
+    )
+    assert choose_loss("selective", big) == "selective"
+    assert choose_loss("full", big) == "full"
