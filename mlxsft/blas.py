@@ -5,6 +5,11 @@ lookup over the bundled one, exactly as with LD_PRELOAD), or, if mlx is already 
 the command with it in LD_PRELOAD. Results agree to float rounding. Without OpenBLAS we print,
 once, the one command that installs it. Opt out with MLXSFT_NO_BLAS_PRELOAD=1.
 
+Thread policy: one OpenBLAS thread (OPENBLAS_NUM_THREADS=1) unless the user set
+OPENBLAS_NUM_THREADS. Threaded OpenBLAS spin-waits for its peers; when another process holds a
+core, a step can take 100x longer (measured: benchmarks/bench_blas.py). One thread is never
+slower than the single-threaded reference BLAS, and on a busy machine it is as fast as several.
+
 Only standard library here: this runs before mlx is imported.
 """
 
@@ -24,6 +29,7 @@ OPENBLAS_CANDIDATES = (
 )
 INSTALL_HINT = "sudo apt-get install -y libopenblas0-pthread"
 OPT_OUT = "MLXSFT_NO_BLAS_PRELOAD"
+THREADS = "OPENBLAS_NUM_THREADS"  # ours: 1 unless the user set it (see the module docstring)
 _REEXEC_MARK = "MLXSFT_BLAS_REEXEC"  # set in the child so we never loop
 _hinted = False
 
@@ -79,6 +85,7 @@ def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
     preload = env.get("LD_PRELOAD", "")
     if status.reference_blas and status.openblas and str(status.openblas) not in preload:
         env["LD_PRELOAD"] = ":".join(p for p in (str(status.openblas), env.get("LD_PRELOAD")) if p)
+        env.setdefault(THREADS, "1")
     return env
 
 
@@ -116,6 +123,7 @@ def maybe_reexec_with_fast_blas(argv: list[str] | None = None) -> str:
             )
         return "hint"
     if "mlx.core" not in sys.modules:
+        os.environ.setdefault(THREADS, "1")  # read by OpenBLAS when it is loaded, just below
         ctypes.CDLL(str(status.openblas), mode=ctypes.RTLD_GLOBAL)
         return "loaded"
     if argv is None:

@@ -36,8 +36,10 @@ _PROBE = textwrap.dedent(
         mx.eval(c)
     gflops = 3 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
     maps = open("/proc/self/maps").read()
+    get = getattr(__import__("ctypes").CDLL(None), "openblas_get_num_threads", None)
     print(json.dumps({"did": did, "gflops": gflops, "c": c[:4, :4].tolist(),
-                      "openblas": "openblas" in maps, "child": "child" in sys.argv}))
+                      "openblas": "openblas" in maps, "child": "child" in sys.argv,
+                      "threads": get() if get else None}))
     """
 )
 
@@ -45,7 +47,8 @@ _PROBE = textwrap.dedent(
 def _probe(tmp_path, *args: str, **env_extra: str) -> dict:
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.OPT_OUT)}
+    drop = ("LD_PRELOAD", blas.OPT_OUT, blas.THREADS)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra)
     out = subprocess.run(
         [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=120
@@ -72,6 +75,17 @@ def test_reexec_with_ld_preload_when_mlx_already_imported(tmp_path):
     got = _probe(tmp_path, "import-first")
     # the child ran with LD_PRELOAD, found OpenBLAS mapped and did nothing more
     assert (got["child"], got["did"], got["openblas"]) == (True, "already", True)
+    assert got["threads"] == 1
+
+
+@needs_reference
+@needs_openblas
+def test_one_openblas_thread_unless_the_user_says_otherwise(tmp_path):
+    # threaded OpenBLAS spin-waits and collapses when other processes hold the cores
+    assert _probe(tmp_path)["threads"] == 1
+    assert _probe(tmp_path, OPENBLAS_NUM_THREADS="2")["threads"] == 2
+    assert blas.preload_env({})[blas.THREADS] == "1"
+    assert blas.preload_env({blas.THREADS: "3"})[blas.THREADS] == "3"
 
 
 @needs_reference
