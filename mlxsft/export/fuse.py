@@ -209,6 +209,23 @@ def fuse_model(
     return report
 
 
+def run_template(adapter: str | Path | None, tokenizer: Any, echo: Any = print) -> str | None:
+    """The chat template a run trained with: its config.yaml's `template` resolved against the
+    tokenizer (a built-in's source, the tokenizer's own, a .jinja file); None without a run config
+    (then the model's own template is used)."""
+    from mlxsft.data.templates import resolve_template
+    from mlxsft.export.hf import read_train_config
+
+    spec = read_train_config(Path(adapter)).get("template") if adapter is not None else None
+    if not isinstance(spec, str):
+        return None
+    try:
+        return resolve_template(spec, tokenizer).source
+    except UserError as exc:  # e.g. the run's .jinja file was moved since
+        echo(f"warning: the run's template {spec!r}: {exc}; the GGUF gets the model's own")
+        return None
+
+
 def export_gguf(
     model: str,
     output: str | Path,
@@ -217,7 +234,8 @@ def export_gguf(
     dtype: str = "f16",
     echo: Any = print,
 ) -> Path:
-    """`mlxsft export --format gguf`: (fuse in float and) write a GGUF file plus a Modelfile."""
+    """`mlxsft export --format gguf`: (fuse in float and) write a GGUF file plus a Modelfile, both
+    with the chat template the adapter's run trained with."""
     from mlx.utils import tree_flatten
 
     from mlxsft import _mlxlm
@@ -237,8 +255,11 @@ def export_gguf(
     weights = dict(tree_flatten(net.parameters()))  # converted one tensor at a time
     output.parent.mkdir(parents=True, exist_ok=True)
     name = Path(str(model)).name
-    write_model_gguf(output, weights, loaded.config, loaded.path, dtype=dtype, name=name)
+    template = run_template(adapter, loaded.tokenizer, echo) or chat_template_of(loaded.path)
+    write_model_gguf(
+        output, weights, loaded.config, loaded.path, dtype=dtype, name=name, chat_template=template
+    )
     eos = getattr(loaded.tokenizer, "eos_token", None)
-    modelfile = write_modelfile(output, chat_template_of(loaded.path), eos)
+    modelfile = write_modelfile(output, template, eos)
     echo(f"wrote {output} ({dtype}, {output.stat().st_size / 2**20:.1f} MiB) and {modelfile}")
     return output

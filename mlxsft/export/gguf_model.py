@@ -181,14 +181,15 @@ def write_model_gguf(
     *,
     dtype: str = "f16",
     name: str | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a GGUF file for float HF-named `weights` (NumPy or MLX) + `config`; the tokenizer
-    comes from `tokenizer_dir`."""
+    comes from `tokenizer_dir`, the chat template too unless `chat_template` is given."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown GGUF dtype {dtype!r}", hint=f"one of {sorted(DTYPES)}")
     meta = model_metadata(config, name or Path(tokenizer_dir).name, dtype)
     tensors = model_tensors(weights, config, dtype)
     n_vocab = weights["model.embed_tokens.weight"].shape[0]
     meta[f"{meta['general.architecture']}.vocab_size"] = int(n_vocab)
-    meta.update(vocab_metadata(Path(tokenizer_dir), n_vocab))
+    meta.update(vocab_metadata(Path(tokenizer_dir), n_vocab, chat_template))
     return gguf.write_gguf(path, meta, tensors)

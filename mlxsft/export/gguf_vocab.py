@@ -96,8 +96,11 @@ def _json_vocab(tok: dict) -> list[str | None]:
     return [by_id.get(i) for i in range(n)]
 
 
-def vocab_metadata(model_dir: Path, n_vocab: int) -> dict[str, Any]:
-    """`tokenizer.ggml.*` metadata (+ chat template) for the tokenizer in `model_dir`."""
+def vocab_metadata(
+    model_dir: Path, n_vocab: int, chat_template: str | None = None
+) -> dict[str, Any]:
+    """`tokenizer.ggml.*` metadata for the tokenizer in `model_dir`, plus `chat_template` (default:
+    the model's own)."""
     tok = _read_json(model_dir / "tokenizer.json")
     if not tok and (model_dir / "vocab.json").is_file():
         tok = _fast_tokenizer_json(model_dir)
@@ -162,7 +165,7 @@ def vocab_metadata(model_dir: Path, n_vocab: int) -> dict[str, Any]:
         meta["tokenizer.ggml.scores"] = np.array(scores + [-1000.0] * pad, dtype=np.float32)
     meta["tokenizer.ggml.token_type"] = np.array(types, dtype=np.int32)
     meta.update(_special_ids(model_dir, cfg, tokens))
-    template = chat_template_of(model_dir)
+    template = chat_template or chat_template_of(model_dir)
     if template:
         meta["tokenizer.chat_template"] = template
     return meta

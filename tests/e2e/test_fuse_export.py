@@ -336,3 +336,31 @@ def test_fuse_full_fine_tune_writes_its_weights(tiny_llama, tmp_path):
     text = run("fuse", "--model", str(tiny_llama), "--adapter", str(full), "--output", str(out))
     assert "is a full fine-tune: nothing to merge" in text and "adapter effect" not in text
     assert np.abs(fused_logits(out) - adapted_logits(tiny_llama, full, IDS)).max() < 1e-4
+
+
+@pytest.mark.parametrize("spec", ["chatml", "alpaca", "tokenizer", "file", "missing-file"])
+def test_gguf_and_modelfile_carry_the_trained_template(spec, tiny_llama, tmp_path):
+    """The GGUF's tokenizer.chat_template and the Modelfile follow the run's config.yaml
+    `template` (what training used), not the base model's."""
+    from mlxsft.data.templates import builtin_source
+
+    own = json.loads((tiny_llama / "tokenizer_config.json").read_text())["chat_template"]
+    adapter = write_random_adapter(tiny_llama, tmp_path / "a")
+    jinja = tmp_path / "mine.jinja"
+    jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    value = {"file": str(jinja), "missing-file": str(tmp_path / "gone.jinja")}.get(spec, spec)
+    (adapter / "config.yaml").write_text(f"model: tiny\ntemplate: {value}\n")
+    path = tmp_path / "out" / "m.gguf"
+    args = ["export", "--model", str(tiny_llama), "--adapter", str(adapter), "--format", "gguf"]
+    text = run(*args, "--output", str(path), "--dtype", "f32")
+    meta, _ = gguf.read_gguf(path)
+    want = {"chatml": builtin_source("chatml"), "alpaca": builtin_source("alpaca")}
+    want |= {"file": jinja.read_text(), "tokenizer": own, "missing-file": own}
+    assert meta["tokenizer.chat_template"] == want[spec]
+    modelfile = (path.parent / "Modelfile").read_text()
+    family = {"alpaca": "alpaca", "file": None}.get(spec, "chatml")  # the tiny model's is chatml
+    if family:
+        assert f"# chat format: {family}\n" in modelfile
+    else:
+        assert "TEMPLATE" not in modelfile and "tokenizer.chat_template" in modelfile
+    assert ("warning: the run's template" in text) == (spec == "missing-file")
