@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlxsft.export import gguf_quants as Q  # noqa: E402
+from mlxsft.model import gguf_quants as Q  # noqa: E402
 
 STUBS = r"""
 #include <stdio.h>

@@ -257,7 +257,15 @@ def export_gguf(
     name = Path(str(model)).name
     template = run_template(adapter, loaded.tokenizer, echo) or chat_template_of(loaded.path)
     write_model_gguf(
-        output, weights, loaded.config, loaded.path, dtype=dtype, name=name, chat_template=template
+        output,
+        weights,
+        loaded.config,
+        loaded.path,
+        dtype=dtype,
+        name=name,
+        chat_template=template,
+        tokenizer=loaded.tokenizer,
+        echo=echo,
     )
     eos = getattr(loaded.tokenizer, "eos_token", None)
     modelfile = write_modelfile(output, template, eos)

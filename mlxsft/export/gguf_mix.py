@@ -16,7 +16,7 @@ llama-quantize's choices for a dense model (re-derived from llama.cpp's `llama-q
 
 from __future__ import annotations
 
-from mlxsft.export.gguf_quants import (
+from mlxsft.model.gguf_quants import (
     BLOCKS,
     GGML_F16,
     GGML_F32,

@@ -9,62 +9,16 @@ llama.cpp's `llama` arch rotates adjacent pairs; qwen2/qwen3 use NEOX RoPE and a
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlxsft.errors import ModelError
-from mlxsft.export import gguf
 from mlxsft.export.gguf_mix import DTYPES, FILE_TYPE, tensor_types
-from mlxsft.export.gguf_vocab import vocab_metadata
-
-# HF model_type -> GGUF architecture
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PERMUTE_QK = {"llama"}  # GGUF archs that use llama.cpp's normal (GPT-J style) RoPE
-
-_TOP = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's name for an HF weight name; None for buffers llama.cpp drops."""
-    if hf_name in _TOP:
-        return _TOP[hf_name]
-    if hf_name.endswith("rotary_emb.inv_freq"):
-        return None
-    m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _LAYER:
-        return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
-    raise ModelError(f"GGUF export: no llama.cpp name for weight {hf_name!r}")
-
-
-def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Rows of q/k (n_head * head_dim, ...) from rotate-half to interleaved RoPE order.
-
-    Per head, HF keeps the first halves of the rotated pairs then the second halves; llama.cpp
-    wants pairs adjacent: row (h, i, j) -> (h, j, i) for i in {0, 1}, j < head_dim / 2.
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+from mlxsft.export.gguf_vocab import pre_tokenizer_type, vocab_metadata
+from mlxsft.model import gguf
+from mlxsft.model.gguf_in import ARCHS, PERMUTE_QK, gguf_name, permute_qk  # noqa: F401
 
 
 def _head_dim(config: dict) -> int:
@@ -182,9 +136,13 @@ def write_model_gguf(
     dtype: str = "f16",
     name: str | None = None,
     chat_template: str | None = None,
+    tokenizer: Any = None,
+    echo: Any = print,
 ) -> Path:
     """Write a GGUF file for float HF-named `weights` (NumPy or MLX) + `config`; the tokenizer
-    comes from `tokenizer_dir`, the chat template too unless `chat_template` is given."""
+    comes from `tokenizer_dir`, the chat template too unless `chat_template` is given. With
+    `tokenizer` (the loaded HF tokenizer) a byte-level vocabulary's `tokenizer.ggml.pre` is chosen
+    by how it actually splits text."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown GGUF dtype {dtype!r}", hint=f"one of {sorted(DTYPES)}")
     meta = model_metadata(config, name or Path(tokenizer_dir).name, dtype)
@@ -192,4 +150,12 @@ def write_model_gguf(
     n_vocab = weights["model.embed_tokens.weight"].shape[0]
     meta[f"{meta['general.architecture']}.vocab_size"] = int(n_vocab)
     meta.update(vocab_metadata(Path(tokenizer_dir), n_vocab, chat_template))
+    if tokenizer is not None and meta["tokenizer.ggml.model"] == "gpt2":
+        pre, matched = pre_tokenizer_type(tokenizer, meta)
+        meta["tokenizer.ggml.pre"] = pre
+        if not matched:
+            echo(
+                f"warning: no llama.cpp pre-tokenizer splits text like this tokenizer; wrote "
+                f"{pre!r}, so llama.cpp may tokenize some text (digits, spaces) differently"
+            )
     return gguf.write_gguf(path, meta, tensors)

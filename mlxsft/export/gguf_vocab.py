@@ -189,3 +189,33 @@ def _special_ids(model_dir: Path, cfg: dict, tokens: list[str]) -> dict[str, Any
     if "add_eos_token" in cfg:
         out["tokenizer.ggml.add_eos_token"] = bool(cfg["add_eos_token"])
     return out
+
+
+# Texts on which the byte-level pre-tokenizers disagree: digit runs (one by one, by three, whole),
+# contractions, whitespace runs and newlines, scripts, emoji and punctuation.
+PRE_PROBES = (
+    " 12345",
+    "1234567 apples, 3.14159!",
+    "I'm sure we can't, WE'LL see; they've",
+    "Hello\n\n\n  world\t\ttab  end ",
+    "ünïcode Ωμέγα 你好世界 🙂",
+    "x=a+b; // ==> <tag>",
+)
+
+
+def pre_tokenizer_type(tokenizer: Any, meta: dict[str, Any]) -> tuple[str, bool]:
+    """`tokenizer.ggml.pre` for a `gpt2` vocabulary chosen by how `tokenizer` (the Hugging Face
+    tokenizer training used) actually splits: the first llama.cpp pre-tokenizer whose token ids
+    equal the tokenizer's on `PRE_PROBES`. (name, True), or (the config-based guess, False)."""
+    from mlxsft.model.gguf_in import PRE_SPLITS, byte_level_tokenizer
+
+    guess = meta.get("tokenizer.ggml.pre", "gpt-2")
+    want = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in PRE_PROBES]
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    for pre in dict.fromkeys([guess, "gpt-2", "qwen2", "llama-bpe", "smollm"]):
+        if pre not in PRE_SPLITS:
+            continue
+        tk = byte_level_tokenizer(tokens, merges, pre)
+        if [tk.encode(t, add_special_tokens=False).ids for t in PRE_PROBES] == want:
+            return pre, True
+    return guess, False

@@ -114,6 +114,10 @@ def resolve_model_path(model: str | Path, *, revision: str | None = None) -> Pat
 
 def _resolve(model: str | Path, revision: str | None, patterns: list[str]) -> Path:
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        from mlxsft.model.gguf_in import model_dir
+
+        return model_dir(path)  # converted once into an MLX model dir
     if path.exists():
         if not path.is_dir():
             raise ModelError(

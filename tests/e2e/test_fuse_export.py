@@ -10,8 +10,8 @@ from _export_utils import adapted_logits, write_random_adapter
 from click.testing import CliRunner
 
 from mlxsft.cli import main
-from mlxsft.export import gguf
 from mlxsft.export.gguf_model import gguf_name, permute_qk
+from mlxsft.model import gguf
 
 IDS = [1, 40, 41, 300, 7, 99, 12, 5]
 

@@ -11,7 +11,7 @@ from _export_utils import adapted_logits, write_random_adapter
 from click.testing import CliRunner
 
 from mlxsft.cli import main
-from mlxsft.export.gguf import read_gguf
+from mlxsft.model.gguf import read_gguf
 
 IDS = [1, 40, 41, 300, 7, 99, 12, 5, 260]
 

@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from mlxsft.export import gguf, gguf_quants
 from mlxsft.export.gguf_model import gguf_name, permute_qk, write_model_gguf
 from mlxsft.export.gguf_vocab import CONTROL, NORMAL, UNUSED, vocab_metadata
 from mlxsft.export.modelfile import modelfile_text, template_family
+from mlxsft.model import gguf, gguf_quants
 
 METADATA = {
     "general.architecture": "llama",

@@ -15,8 +15,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from mlxsft.export import gguf_quants as Q
 from mlxsft.export.gguf_mix import tensor_types, use_more_bits
+from mlxsft.model import gguf_quants as Q
 
 GGML_DIGESTS = {  # ggml (llama-cpp-python 0.3.36's vendored llama.cpp), x86-64, -O3, no -march
     Q.GGML_Q4_0: "8cdd813336d2d985a215d10a438c459e7f5ba68fe511c3fb6790923ac50dab15",

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from mlxsft.export.gguf_quants import (  # noqa: F401  (re-exported: the ggml type ids)
+from mlxsft.model.gguf_quants import (  # noqa: F401  (re-exported: the ggml type ids)
     BLOCKS,
     GGML_F16,
     GGML_F32,
@@ -227,9 +227,14 @@ class _Reader:
         return self.unpack(_SCALAR[vtype])
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(metadata, tensors by name) of a GGUF v2/v3 file (f32, f16 and the `gguf_quants` types)."""
-    data = Path(path).read_bytes()
+def read_gguf(
+    path: str | Path, *, dequantize_all: bool = True
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(metadata, tensors by name) of a GGUF v2/v3 file (f32, f16 and the `gguf_quants` types).
+
+    The file is memory-mapped; with `dequantize_all=False` quantized tensors keep only `raw`
+    (their `data` is an empty array) so a big file is not expanded to float32."""
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     r = _Reader(memoryview(data))
     if bytes(r.buf[:4]) != MAGIC:
         raise ValueError(f"{path}: not a GGUF file")
@@ -251,16 +256,17 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     start = r.pos + _pad(r.pos, align)
     tensors = {}
     for name, shape, t, off in infos:
-        n = int(np.prod(shape))
-        if t == GGML_F32:
-            tensors[name] = Tensor(name, t, shape, np.frombuffer(data, np.float32, n, start + off))
-        elif t == GGML_F16:
-            tensors[name] = Tensor(name, t, shape, np.frombuffer(data, np.float16, n, start + off))
-        elif t in BLOCKS:
-            raw = np.frombuffer(data, np.uint8, tensor_nbytes(shape, t), start + off)
-            raw = raw.reshape(-1, tensor_nbytes(shape[-1:], t))
-            tensors[name] = Tensor(name, t, shape, dequantize(raw, t, shape), raw)
-        else:
+        if t not in BLOCKS:
             raise ValueError(f"{path}: tensor {name} has unsupported ggml type {t}")
-        tensors[name].data = tensors[name].data.reshape(shape)
+        nbytes = tensor_nbytes(shape, t)
+        if start + off + nbytes > data.size:
+            raise ValueError(f"{path}: truncated (tensor {name} ends past the end of the file)")
+        raw = data[start + off : start + off + nbytes]
+        if t in (GGML_F32, GGML_F16):
+            arr = raw.view(np.float32 if t == GGML_F32 else np.float16).reshape(shape)
+            tensors[name] = Tensor(name, t, shape, arr)
+            continue
+        raw = raw.reshape(-1, tensor_nbytes(shape[-1:], t))
+        arr = dequantize(raw, t, shape) if dequantize_all else np.zeros(0, np.float32)
+        tensors[name] = Tensor(name, t, shape, arr, raw)
     return metadata, tensors

@@ -1,0 +1,360 @@
+"""A llama-family GGUF file -> an MLX model directory that the normal loader reads.
+
+`--model file.gguf` (train, eval, generate, chat, fuse, export) goes through `model_dir(path)`: the
+file is converted once into `<temp dir>/mlxsft-gguf-<hash>/` (keyed by its path, size and mtime)
+holding config.json (HF keys rebuilt from the metadata), model.safetensors (HF weight names) and
+tokenizer.json + tokenizer_config.json (rebuilt from `tokenizer.ggml.*`, with the chat template).
+
+Weights keep their exact numbers: q4_0, q4_1 and q8_0 blocks (32 values, an f16 scale and, for
+q4_1, an f16 min) become MLX affine-quantized arrays with group size 32 (scale d, bias -8d / m /
+-128d; float32 scales, so dequantized values equal ggml's), so a quantized GGUF trains as QLoRA;
+f16/f32 tensors stay as they are; other types (k-quants, q5_0/q5_1) are dequantized to float32.
+llama/mistral q/k rows are permuted back from llama.cpp's adjacent-pair RoPE layout to HF's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlxsft.errors import ModelError
+from mlxsft.model import gguf
+
+# HF model_type -> GGUF architecture, and llama.cpp's tensor names
+ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PERMUTE_QK = {"llama"}  # GGUF archs that use llama.cpp's normal (GPT-J style) RoPE
+TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
+_FROM_TOP = {v: k for k, v in TOP_NAMES.items()}
+_FROM_LAYER = {v: k for k, v in LAYER_NAMES.items()}
+NATIVE = {gguf.GGML_Q4_0: 4, gguf.GGML_Q4_1: 4, gguf.GGML_Q8_0: 8}  # bits in MLX
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES["qwen3"] = "Qwen3ForCausalLM"
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """llama.cpp's name for an HF weight name; None for buffers llama.cpp drops."""
+    if hf_name in TOP_NAMES:
+        return TOP_NAMES[hf_name]
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _HF_LAYER.match(hf_name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ModelError(f"GGUF export: no llama.cpp name for weight {hf_name!r}")
+
+
+def hf_name(name: str) -> str:
+    """The HF weight name of a llama.cpp tensor name."""
+    if name in _FROM_TOP:
+        return _FROM_TOP[name]
+    m = _GGUF_LAYER.match(name)
+    if m and m.group(2) in _FROM_LAYER:
+        return f"model.layers.{m.group(1)}.{_FROM_LAYER[m.group(2)]}.{m.group(3)}"
+    raise ModelError(f"GGUF tensor {name!r} has no place in a llama-family model")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of q/k (n_head * head_dim, ...) from rotate-half to interleaved RoPE order.
+
+    Per head, HF keeps the first halves of the rotated pairs then the second halves; llama.cpp
+    wants pairs adjacent: row (h, i, j) -> (h, j, i) for i in {0, 1}, j < head_dim / 2.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `permute_qk` (llama.cpp row order -> HF)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def hf_config(meta: dict[str, Any], tensors: dict[str, gguf.Tensor]) -> dict[str, Any]:
+    """An HF config.json dict for a llama / qwen2 / qwen3 GGUF."""
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ModelError(
+            f"GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3 are)",
+            hint="use the model's Hugging Face release instead",
+        )
+    if "rope_freqs.weight" in tensors:
+        raise ModelError(
+            "GGUF with a rope_freqs table (Llama 3.1+ rope scaling) is not supported yet",
+            hint="use the model's Hugging Face release instead",
+        )
+
+    def key(k: str, default: Any = None) -> Any:
+        v = meta.get(f"{arch}.{k}", default)
+        return v.item() if isinstance(v, np.generic) else v
+
+    n_head = int(key("attention.head_count"))
+    config: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "hidden_size": int(key("embedding_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(key("attention.head_count_kv", n_head)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(key("context_length", 4096)),
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    if key("attention.key_length") is not None:
+        config["head_dim"] = int(key("attention.key_length"))
+    if key("rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if arch == "llama" and "blk.0.attn_q.bias" in tensors:
+        config["attention_bias"] = True
+    n_tokens = len(meta.get("tokenizer.ggml.tokens", ()))
+    for kind in ("bos", "eos", "pad"):
+        tid = meta.get(f"tokenizer.ggml.{'padding' if kind == 'pad' else kind}_token_id")
+        if tid is not None and int(tid) < n_tokens:  # llama2.c's converter writes -1 for "none"
+            config[f"{kind}_token_id"] = int(tid)
+    return config
+
+
+# ---------------------------------------------------------------------------------- weights
+
+
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """(rows, n) small unsigned ints -> (rows, n * bits / 32) uint32, value k at bits k*bits."""
+    per = 32 // bits
+    q = q.astype(np.uint32).reshape(q.shape[0], -1, per)
+    return (q << (np.arange(per, dtype=np.uint32) * bits)).sum(axis=-1, dtype=np.uint32)
+
+
+def mlx_quantized(t: gguf.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A q4_0 / q4_1 / q8_0 tensor as MLX affine (weight uint32, scales, biases), group 32."""
+    rows = t.shape[0]
+    blocks = np.asarray(t.raw).reshape(-1, gguf.BLOCKS[t.ggml_type][1])  # (rows * groups, size)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
+    if t.ggml_type == gguf.GGML_Q8_0:
+        q = blocks[:, 2:].view(np.int8).astype(np.int16) + 128
+        bias = -128 * d
+    else:
+        nib = blocks[:, 4:] if t.ggml_type == gguf.GGML_Q4_1 else blocks[:, 2:]
+        q = np.concatenate([nib & 15, nib >> 4], axis=1)
+        if t.ggml_type == gguf.GGML_Q4_1:
+            bias = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
+        else:
+            bias = -8 * d
+    bits = NATIVE[t.ggml_type]
+    return _pack(q.reshape(rows, -1), bits), d.reshape(rows, -1), bias.reshape(rows, -1)
+
+
+def hf_weights(
+    tensors: dict[str, gguf.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], bool]:
+    """HF-named NumPy arrays (`.weight`, plus `.scales`/`.biases` for native quantized tensors)
+    and whether any tensor is quantized."""
+    out: dict[str, np.ndarray] = {}
+    quantized = False
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for name, t in tensors.items():
+        hf = hf_name(name)
+        n_head = None
+        if config["model_type"] == "llama" and name.split(".")[-2] in heads:
+            n_head = heads[name.split(".")[-2]]
+
+        def fix(x: np.ndarray, n_head: int | None = n_head) -> np.ndarray:
+            return unpermute_qk(x, n_head) if n_head else x
+
+        if t.ggml_type in NATIVE and len(t.shape) == 2:
+            w, s, b = mlx_quantized(t)
+            base = hf[: -len(".weight")]
+            out[hf], out[base + ".scales"], out[base + ".biases"] = fix(w), fix(s), fix(b)
+            quantized = True
+        elif t.ggml_type in (gguf.GGML_F32, gguf.GGML_F16):
+            out[hf] = fix(np.ascontiguousarray(t.data))
+        else:
+            out[hf] = fix(gguf.dequantize(t.raw, t.ggml_type, t.shape))
+    return out, quantized
+
+
+# -------------------------------------------------------------------------------- tokenizer
+
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# tokenizer.ggml.pre -> the split regexes llama.cpp applies in turn (HF spelling)
+PRE_SPLITS: dict[str, list[str]] = {
+    "gpt-2": [GPT2_SPLIT],
+    "llama-bpe": [
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+        r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+    "qwen2": [
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+    "smollm": [r"\p{N}", GPT2_SPLIT],
+}
+PRE_SPLITS["llama3"] = PRE_SPLITS["llama-bpe"]
+
+
+def byte_level_tokenizer(tokens: list[str], merges: list[str], pre: str) -> Any:
+    """A `tokenizers.Tokenizer` for a GGUF `gpt2` vocabulary with pre-tokenizer type `pre`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if pre not in PRE_SPLITS:
+        raise ModelError(
+            f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(sorted(PRE_SPLITS))} are)",
+            hint="use the model's Hugging Face release instead",
+        )
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bpe = models.BPE(vocab, pairs, ignore_merges=pre in ("llama-bpe", "llama3"))
+    tk = Tokenizer(bpe)
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
+    tk.pre_tokenizer = pre_tokenizers.Sequence(
+        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def sentencepiece_tokenizer(tokens: list[str], scores: np.ndarray, meta: dict[str, Any]) -> Any:
+    """A `tokenizers.Tokenizer` for a GGUF `llama` (SentencePiece BPE, byte fallback) vocabulary;
+    merges are rebuilt from the scores, the merged piece's score being the merge's priority."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    types = meta.get("tokenizer.ggml.token_type")
+    found = []
+    for tok, i in vocab.items():
+        if types is not None and int(types[i]) != 1:
+            continue  # only normal pieces are merge results
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in vocab and right in vocab:
+                found.append((-float(scores[i]), i, left, right))
+    merges = [(a, b) for _, _, a, b in sorted(found)]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[int(unk)] if unk is not None else None
+    tk = Tokenizer(
+        models.BPE(vocab, merges, unk_token=unk_token, byte_fallback=True, fuse_unk=True)
+    )
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    norm = [normalizers.Prepend("▁")] if prefix else []
+    tk.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "▁")])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence([*dec, *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+    return tk
+
+
+def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
+    """tokenizer.json + tokenizer_config.json rebuilt from `tokenizer.ggml.*` metadata."""
+    from tokenizers import AddedToken, processors
+
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    if kind == "gpt2":
+        tk = byte_level_tokenizer(
+            tokens, list(meta["tokenizer.ggml.merges"]), meta.get("tokenizer.ggml.pre", "gpt-2")
+        )
+    elif kind == "llama":
+        tk = sentencepiece_tokenizer(tokens, meta["tokenizer.ggml.scores"], meta)
+    else:
+        raise ModelError(f"GGUF tokenizer model {kind!r} is not supported (gpt2, llama are)")
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None:
+        special = [t for t, k in zip(tokens, types, strict=True) if int(k) == CONTROL]
+        user = [t for t, k in zip(tokens, types, strict=True) if int(k) == USER_DEFINED]
+        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    def tok(kind: str) -> str | None:
+        tid = meta.get(f"tokenizer.ggml.{kind}_token_id")
+        return tokens[int(tid)] if tid is not None and int(tid) < len(tokens) else None
+
+    bos = tok("bos")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+    steps = [processors.ByteLevel(trim_offsets=False)] if kind == "gpt2" else []
+    if add_bos and bos is not None:
+        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
+        template = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+        steps.append(template)
+    if steps:
+        tk.post_processor = processors.Sequence(steps)
+    tk.save(str(out / "tokenizer.json"))
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+    }
+    for key, kind_ in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        if (text := tok(kind_)) is not None:
+            cfg[f"{key}_token"] = text
+    if meta.get("tokenizer.chat_template"):
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+# ------------------------------------------------------------------------------- the entry
+
+
+def model_dir(path: Path, cache_root: Path | None = None) -> Path:
+    """The converted MLX model directory for the GGUF file `path` (converted on first use)."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    out = Path(cache_root or tempfile.gettempdir()) / (
+        "mlxsft-gguf-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    )
+    if (out / "config.json").is_file():
+        return out
+    try:
+        meta, tensors = gguf.read_gguf(path, dequantize_all=False)
+    except (ValueError, OSError, struct.error) as exc:
+        raise ModelError(f"cannot read the GGUF file: {exc}", where=str(path)) from None
+    config = hf_config(meta, tensors)
+    weights, quantized = hf_weights(tensors, config)
+    if quantized:
+        config["quantization"] = {"group_size": 32, "bits": 4}  # per layer: from the shapes
+    tmp = out.with_name(out.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(meta, tmp)
+    import mlx.core as mx
+
+    mx.save_safetensors(
+        str(tmp / "model.safetensors"),
+        {k: mx.array(v) for k, v in weights.items()},
+        metadata={"format": "mlx"},
+    )
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "source.txt").write_text(f"converted by mlxsft from {path.resolve()}\n")
+    tmp.rename(out)
+    return out
