@@ -50,19 +50,16 @@ def fetch_gguf(cache: Path) -> Path:
 
 def greedy(loaded, prompt: str, n: int = 40) -> list[int]:
     import mlx.core as mx
-
-    from mlxsft import _mlxlm
+    from mlx_lm.generate import generate_step  # greedy (argmax) with a KV cache
 
     msgs = [{"role": "user", "content": prompt}]
     text = loaded.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     ids = list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
-    out: list[int] = []
     eos = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    for _ in range(n):
-        logits = _mlxlm.forward(loaded.model, mx.array([ids + out], dtype=mx.int32))[0, -1]
-        tok = int(mx.argmax(logits).item())
-        out.append(tok)
-        if tok == eos:
+    out: list[int] = []
+    for token, _ in generate_step(mx.array(ids), loaded.model, max_tokens=n):
+        out.append(int(token))
+        if out[-1] == eos:
             break
     return out
 

@@ -46,15 +46,12 @@ def float_model(out: Path) -> Path:
 
 def mlxsft_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
     import mlx.core as mx
+    from mlx_lm.generate import generate_step  # greedy (argmax) with a KV cache
 
-    from mlxsft import _mlxlm
     from mlxsft.model.loading import load
 
     model = load(str(model_dir)).model
-    out: list[int] = []
-    for _ in range(n):
-        logits = _mlxlm.forward(model, mx.array([ids + out], dtype=mx.int32))[0, -1]
-        out.append(int(mx.argmax(logits).item()))
+    out = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n)]
     return out
 
 
