@@ -1,16 +1,17 @@
-"""Run configuration: the one place defaults live.
+"""Run configuration and every choice list and default the commands share: the one place they live.
 
 `TrainConfig` is flat, and its field names are the CLI flags with `_` for `-` (`--max-seq-len` ->
 `max_seq_len`), so a YAML file, the flags and the saved `config.yaml` all use one vocabulary.
 Precedence: dataclass defaults < `--config FILE` < flags given on the command line. Unknown keys
-are rejected with the list of valid ones. No heavy imports here: the CLI reads this module.
+are rejected with the list of valid ones. The choice lists below (with their help texts) and
+`SamplingParams` (generate, chat, demo) are read by the commands, `data/` and the library
+functions, so a value is spelled once. No heavy imports here: the CLI reads this module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,22 @@ FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_ON = ("responses", "last", "all")
-DATA_FORMATS = ("auto", "chat", "alpaca", "completion", "text")
+TRAIN_ON_HELP = "responses: every assistant turn; last: the final one; all: every token."
+DATA_KINDS = ("chat", "alpaca", "completion", "text")  # what a row is (data.types.Example.kind)
+DATA_FORMATS = ("auto", *DATA_KINDS)
+FORMAT_HELP = "Row format; auto: detected per file from the first row with known keys."
+BUILTIN_TEMPLATES = ("alpaca", "chatml", "llama3", "mistral", "gemma", "phi3")
+TEMPLATES = ("auto", *BUILTIN_TEMPLATES, "tokenizer")  # or a path to a .jinja file
+TEMPLATE_HELP = (
+    f"auto (the model's own chat template, else alpaca), {', '.join(TEMPLATES[1:])}, "
+    "or a path to a .jinja file"
+)
 QUANTIZE_BITS = (4, 8)
 LOSS_HEADS = ("selective", "full")
+EXPORT_FORMATS = ("peft", "gguf")
+GGUF_DTYPES = ("f16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+GGUF_DEFAULT_DTYPE = "f16"
+REPORT_TO = ("tensorboard", "wandb")
 
 # Spellings other tools use for the same setting (mlx-lm YAML / TRL), accepted in config files.
 KEY_ALIASES = {
@@ -127,7 +141,7 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
@@ -238,3 +252,54 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of `generate`, `chat` and the demo; `temp == 0` is greedy. The 1.0 / 0
+    values switch a filter off (top_p 1 keeps every token, top_k 0 keeps all, min_p 0 drops none).
+    """
+
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    repetition_context_size: int = 20
+    seed: int | None = None
+    max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temp >= 0, "temp must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.repetition_context_size > 0, "repetition_context_size must be > 0"),
+            (self.max_tokens > 0, "max_tokens must be > 0"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise UserError(problem, hint="see `mlxsft generate --help`")
+
+    def with_updates(self, assignments: list[str]) -> SamplingParams:
+        """A copy with `name=value` assignments applied (as typed after `/params`)."""
+        types = {f.name: f.type for f in fields(self)}
+        changes: dict[str, Any] = {}
+        for item in assignments:
+            name, eq, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not eq or name not in types:
+                raise UserError(
+                    f"cannot set {item!r}", hint=f"use name=value with a name in {', '.join(types)}"
+                )
+            kind = int if "int" in str(types[name]) else float
+            try:
+                changes[name] = None if value.lower() == "none" and name == "seed" else kind(value)
+            except ValueError:
+                raise UserError(f"{name}: not a number: {value!r}") from None
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in asdict(self).items())

@@ -9,61 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlxsft.config import SamplingParams  # noqa: F401  (re-exported: chat, demo)
 from mlxsft.data.render import Renderer
 from mlxsft.errors import UserError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Sampling settings; `temp == 0` is greedy. 1.0/0 values switch a filter off."""
-
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    repetition_context_size: int = 20
-    seed: int | None = None
-    max_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.temp >= 0, "temp must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
-            (self.repetition_context_size > 0, "repetition_context_size must be > 0"),
-            (self.max_tokens > 0, "max_tokens must be > 0"),
-        ]
-        for ok, problem in checks:
-            if not ok:
-                raise UserError(problem, hint="see `mlxsft generate --help`")
-
-    def with_updates(self, assignments: list[str]) -> SamplingParams:
-        """A copy with `name=value` assignments applied (as typed after `/params`)."""
-        types = {f.name: f.type for f in fields(self)}
-        changes: dict[str, Any] = {}
-        for item in assignments:
-            name, eq, value = item.partition("=")
-            name = name.strip().replace("-", "_")
-            if not eq or name not in types:
-                raise UserError(
-                    f"cannot set {item!r}", hint=f"use name=value with a name in {', '.join(types)}"
-                )
-            kind = int if "int" in str(types[name]) else float
-            try:
-                changes[name] = None if value.lower() == "none" and name == "seed" else kind(value)
-            except ValueError:
-                raise UserError(f"{name}: not a number: {value!r}") from None
-        return replace(self, **changes)
-
-    def describe(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in asdict(self).items())
 
 
 @dataclass

@@ -8,15 +8,8 @@ import sys
 
 import click
 
-from mlxsft.config import TrainConfig
-
-TEMPLATE_HELP = (
-    "auto (the model's own chat template, else alpaca), alpaca, chatml, llama3, mistral, gemma, "
-    "phi3, tokenizer, or a path to a .jinja file"
-)
-FORMATS = ("auto", "chat", "alpaca", "completion", "text")  # = data.formats.FORMATS (not imported:
-# this module imports only click)
-FORMAT_HELP = "Row format; auto: detected per file from the first row with known keys."
+from mlxsft import config as C
+from mlxsft.commands import options as opt
 
 
 @click.group()
@@ -25,28 +18,22 @@ def data() -> None:
 
 
 @data.command()
-@click.argument("data_path", metavar="DATA")
-@click.option("--model", "-m", required=True, help="Model directory or hub id (tokenizer only).")
-@click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", help=FORMAT_HELP)
-@click.option(
-    "--train-on",
-    type=click.Choice(["responses", "last", "all"]),
-    default="responses",
-    show_default=True,
-    help="responses: every assistant turn; last: the final one; all: every token.",
-)
-@click.option("--max-seq-len", type=click.IntRange(min=2), default=TrainConfig.max_seq_len,
-              show_default=True, help="Truncate examples to N tokens, as `train` does.")  # fmt: skip
+@opt.data_argument
+@opt.model(required=True, help="Model directory or hub id (tokenizer only).")
+@opt.template(default="auto", show_default=True)
+@opt.data_format(default="auto")
+@opt.train_on(default="responses", show_default=True)
+@opt.max_seq_len(type=click.IntRange(min=2), default=C.TrainConfig.max_seq_len, show_default=True,
+                 help="Truncate each example to N tokens, as `train` does.")  # fmt: skip
 @click.option("-n", "num", type=click.IntRange(min=0), default=3, show_default=True,
               help="Examples to show (0: all).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example, then stats.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Batch size for the padding-waste projection.")  # fmt: skip
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=C.TrainConfig.batch_size,
+              show_default=True, help="Batch size for the padding-waste projection.")  # fmt: skip
 @click.option("--split", default="train", show_default=True, help="Split of a DATA directory.")
 @click.option("--color/--no-color", default=None, help="Colour trained tokens (default: on a TTY).")
-def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json, batch_size,
-            split, color) -> None:  # fmt: skip
+def inspect(data_path, data_opt, model, template, fmt, train_on, max_seq_len, num, as_json,
+            batch_size, split, color) -> None:  # fmt: skip
     """Show examples with their trained tokens marked, and dataset statistics.
 
     Trained tokens are green on a terminal and wrapped as [[...]] otherwise.
@@ -58,6 +45,7 @@ def inspect(data_path, model, template, fmt, train_on, max_seq_len, num, as_json
     from mlxsft.errors import DataError
     from mlxsft.model.loading import load_tokenizer
 
+    data_path = opt.one_data(data_path, data_opt)
     examples, errors = read_examples(data_path, fmt, split=split)
     if not examples:
         first = f"; first: {errors[0]}" if errors else ""
@@ -111,12 +99,12 @@ def _drop_problem(out) -> str:
 
 
 @data.command()
-@click.argument("data_path", metavar="DATA")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", help=FORMAT_HELP)
-@click.option("--model", "-m", default=None, help="Also render every row with this tokenizer.")
-@click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP)
-@click.option("--train-on", type=click.Choice(["responses", "last", "all"]), default="responses")
-def validate(data_path, fmt, model, template, train_on) -> None:
+@opt.data_argument
+@opt.data_format(default="auto")
+@opt.model(default=None, help="Also render every row with this tokenizer.")
+@opt.template(default="auto", show_default=True)
+@opt.train_on(default="responses", show_default=True)
+def validate(data_path, data_opt, fmt, model, template, train_on) -> None:
     """Check every row; print each bad one as `file:line: problem` and exit 1 if any.
 
     With --model, rows are also rendered with the chat template and encoded, so templates that
@@ -130,6 +118,7 @@ def validate(data_path, fmt, model, template, train_on) -> None:
     from mlxsft.data.types import Dropped
     from mlxsft.model.loading import load_tokenizer
 
+    data_path = opt.one_data(data_path, data_opt)
     splits = list(find_splits(data_path)) if Path(data_path).is_dir() else ["train"]
     renderer = None
     if model is not None:

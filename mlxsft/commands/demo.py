@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import click
 
+from mlxsft.commands import options as opt
+
 
 @click.command()
 @click.option("--quick", is_flag=True, help="A short run (< 1 min) for CI and impatient people.")
-@click.option(
-    "--model",
-    "-m",
+@opt.model(
     default=None,
     metavar="HUB_ID",
     help="Run the same flow on a real model (local dir or hub id; the hub needs the network).",
 )
-@click.option(
-    "--output",
-    "-o",
+@opt.output(
+    "Where the adapter, its metrics.jsonl and the fused model go.",
     default="mlxsft-demo",
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Where the adapter, its metrics.jsonl and the fused model go.",
 )
 def demo(quick: bool, model: str | None, output: str) -> None:
     """Fine-tune a tiny model offline and watch it learn held-out tasks (about 3 minutes).

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import click
 
+from mlxsft import config as C
+from mlxsft.commands import options as opt
+
 
 @click.command("fuse")
-@click.option("--model", required=True, help="Base model: a local HF-format dir or a hub id.")
-@click.option(
-    "--adapter",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Adapter dir (mlxsft / mlx-lm, or PEFT).",
+@opt.model(required=True, help="Base model: a local HF-format dir or a hub id.")
+@opt.adapter(
+    required=True, type=click.Path(file_okay=False), help="Adapter dir (mlxsft / mlx-lm, or PEFT)."
 )
-@click.option("--output", required=True, type=click.Path(), help="Directory for the fused model.")
-@click.option("--dequantize", is_flag=True, help="Write float weights for a quantized base.")
-@click.option(
-    "--quantize", type=click.Choice(["4", "8"]), default=None, help="Re-quantize after fusing."
-)
-def fuse(model: str, adapter: str, output: str, dequantize: bool, quantize: str | None) -> None:
+@opt.output("Directory for the fused model (the base model is not changed).", "--save-path",
+            required=True, type=click.Path())  # fmt: skip
+@click.option("--dequantize", "--de-quantize", "dequantize", is_flag=True,
+              help="Write float weights for a quantized base.")  # fmt: skip
+@opt.quantize("Re-quantize after fusing.")
+def fuse(model: str, adapter: str, output: str, dequantize: bool, quantize: int | None) -> None:
     """Merge a LoRA/DoRA adapter into the base weights; write an HF-format model directory.
 
     Prints a fidelity report (max |logit diff|, KL between base+adapter and the fused model) and
@@ -31,23 +31,22 @@ def fuse(model: str, adapter: str, output: str, dequantize: bool, quantize: str 
         adapter,
         output,
         dequantize=dequantize,
-        quantize=int(quantize) if quantize else None,
+        quantize=quantize,
         echo=click.echo,
     )
 
 
 @click.command("export")
-@click.option("--format", "fmt", required=True, type=click.Choice(["peft", "gguf"]))
-@click.option("--output", required=True, type=click.Path(), help="PEFT dir, or FILE.gguf.")
-@click.option("--model", default=None, help="Base model (required for gguf).")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False), help="Adapter dir.")
+@click.option("--format", "fmt", required=True, type=click.Choice(C.EXPORT_FORMATS))
+@opt.output("PEFT dir, or FILE.gguf.", required=True, type=click.Path())
+@opt.model(default=None, help="Base model (required for gguf).")
+@opt.adapter(default=None, type=click.Path(file_okay=False), help="Adapter dir.")
 @click.option(
     "--dtype",
-    type=click.Choice(
-        ["f16", "f32", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"], case_sensitive=False
-    ),
+    type=click.Choice(C.GGUF_DTYPES, case_sensitive=False),
     default=None,
-    help="GGUF tensor type; q4_k_m/q5_k_m mix types per tensor as llama-quantize does. [f16]",
+    help="GGUF tensor type; q4_k_m/q5_k_m mix types per tensor as llama-quantize does."
+    f" [{C.GGUF_DEFAULT_DTYPE}]",
 )
 def export(
     fmt: str, output: str, model: str | None, adapter: str | None, dtype: str | None
@@ -74,4 +73,6 @@ def export(
 
     if model is None:
         raise UserError("--format gguf needs --model (the base model)")
-    export_gguf(model, output, adapter=adapter, dtype=dtype or "f16", echo=click.echo)
+    export_gguf(
+        model, output, adapter=adapter, dtype=dtype or C.GGUF_DEFAULT_DTYPE, echo=click.echo
+    )

@@ -9,42 +9,44 @@ from typing import Any
 
 import click
 
-TEMPLATE_HELP = (
-    "auto (the model's own chat template, else alpaca), alpaca, chatml, llama3, mistral, gemma, "
-    "phi3, tokenizer, or a path to a .jinja file. Use the one you trained with."
+from mlxsft import config as C
+from mlxsft.commands import options as opt
+
+TEMPLATE_HELP = C.TEMPLATE_HELP + (
+    ". With an mlxsft adapter, auto is the template it was trained with; else use that one."
 )
+_S = C.SamplingParams()  # the defaults
 
 
 def _sampling_options(f: Callable) -> Callable:
     """The model, adapter, template and sampling flags shared by `generate` and `chat`."""
     options = [
-        click.option("--model", "-m", required=True, help="Model directory or hub id."),
-        click.option("--adapter", default=None, help="Adapter directory (mlxsft/mlx-lm or PEFT)."),
-        click.option("--template", "-t", default="auto", show_default=True, help=TEMPLATE_HELP),
+        opt.model(required=True),
+        opt.adapter(default=None),
+        opt.template(default="auto", show_default=True, help=TEMPLATE_HELP),
         click.option("--system", default=None, help="System prompt."),
-        click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        click.option("--temp", type=click.FloatRange(min=0), default=_S.temp, show_default=True,
                      help="Sampling temperature; 0 is greedy."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=_S.top_p,
                      show_default=True, help="Nucleus sampling; 1 keeps all tokens."),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+        click.option("--top-k", type=click.IntRange(min=0), default=_S.top_k, show_default=True,
                      help="Keep the k most likely tokens; 0 keeps all."),
-        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+        click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=_S.min_p,
                      show_default=True, help="Drop tokens below min_p x the top probability."),
         click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
-                     default=1.0, show_default=True, help="1 switches it off; 1.1 is typical."),
-        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Most tokens to generate (per reply)."),
+                     default=_S.repetition_penalty, show_default=True,
+                     help="1 switches it off; 1.1 is typical."),
+        click.option("--seed", type=int, default=_S.seed, help="Random seed for sampling."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=_S.max_tokens,
+                     show_default=True, help="Most tokens to generate (per reply)."),
     ]  # fmt: skip
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _params(kw: dict[str, Any]) -> Any:
-    from mlxsft.generate import SamplingParams
-
-    return SamplingParams(
+def _params(kw: dict[str, Any]) -> C.SamplingParams:
+    return C.SamplingParams(
         temp=kw["temp"],
         top_p=kw["top_p"],
         top_k=kw["top_k"],

@@ -13,25 +13,20 @@ from pathlib import Path
 import click
 
 from mlxsft import config as C
+from mlxsft.commands import options as opt
 
-TEMPLATE_HELP = "auto, alpaca, chatml, llama3, mistral, gemma, phi3, tokenizer, or a .jinja file"
-
-
-def _d(field: str) -> str:
-    """` [default]` of a TrainConfig field, for help texts."""
-    value = getattr(C.TrainConfig, field)
-    return f" [{'off' if value is None or value is False else value}]"
+_d = opt.default_of
 
 
 def _data_options(f):
     """Options shared by train and eval (how data is read, rendered, masked and batched)."""
     options = [
-        click.option("--model", "-m", help="Model directory or hub id."),
-        click.option("--data", "-d", help=".jsonl/.json file or a dir with train/valid.jsonl."),
-        click.option("--template", "-t", help=f"Chat template: {TEMPLATE_HELP}." + _d("template")),
-        click.option("--format", type=click.Choice(C.DATA_FORMATS), help="Format." + _d("format")),
-        click.option("--train-on", type=click.Choice(C.TRAIN_ON), help="Targets." + _d("train_on")),
-        click.option("--max-seq-len", type=int, help="Tokens per example/row." + _d("max_seq_len")),
+        opt.model(),
+        opt.data(),
+        opt.template(help=f"Chat template: {C.TEMPLATE_HELP}." + _d("template")),
+        opt.data_format(help=C.FORMAT_HELP + _d("format"), dest="format"),
+        opt.train_on(help=C.TRAIN_ON_HELP + _d("train_on")),
+        opt.max_seq_len(type=int, help="Tokens per example/row." + _d("max_seq_len")),
         click.option("--batch-size", "-b", type=int, help="Rows per step." + _d("batch_size")),
         click.option("--pack/--no-pack", default=None, help="Pack rows. [on for RoPE models]"),
     ]
@@ -44,7 +39,7 @@ def _data_options(f):
 @_data_options
 @click.option("--config", "-c", "config_path", type=click.Path(), help="YAML run config.")
 @click.option("--valid", help="Validation file. [DATA dir's valid.jsonl]")
-@click.option("--output", "-o", help="Output directory." + _d("output"))
+@opt.output("Output directory (mlx-lm's --adapter-path)." + _d("output"), "--adapter-path")
 @click.option("--fine-tune-type", type=click.Choice(C.FINE_TUNE_TYPES), help=_d("fine_tune_type"))
 @click.option("--rank", "--lora-rank", "rank", type=int, help="LoRA rank." + _d("rank"))
 @click.option(
@@ -57,12 +52,8 @@ def _data_options(f):
 @click.option(
     "--num-layers", type=int, help="Adapt the last N blocks, -1 = all." + _d("num_layers")
 )
-@click.option(
-    "--quantize",
-    type=click.Choice([str(b) for b in C.QUANTIZE_BITS]),
-    help="Quantize the base on load (QLoRA).",
-)
-@click.option("--adapter", help="Start from an existing adapter directory.")
+@opt.quantize("Quantize the base on load (QLoRA).")
+@click.option("--adapter", "-a", help="Start from an existing adapter directory.")
 @click.option("--grad-accum", type=int, help="Micro-batches per step." + _d("grad_accum"))
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, help=_d("learning_rate"))
 @click.option("--optimizer", type=click.Choice(C.OPTIMIZERS), help=_d("optimizer"))
@@ -82,9 +73,7 @@ def _data_options(f):
     help="selective: LM head only at trained positions, chunked (less memory); full: plain logits."
     + _d("loss"),
 )
-@click.option(
-    "--eval-every", type=int, help="Validate every N steps, 0: at the end." + _d("eval_every")
-)
+@opt.eval_every(type=int, help="Validate every N steps, 0: at the end." + _d("eval_every"))
 @click.option(
     "--save-every", type=int, help="Save every N steps, 0: at the end." + _d("save_every")
 )
@@ -99,8 +88,6 @@ def train(config_path, **flags) -> None:  # fmt: skip
     """
     from mlxsft.train.loop import train as run
 
-    if flags.get("quantize") is not None:
-        flags["quantize"] = int(flags["quantize"])
     result = run(C.resolve(flags, config_path))
     metrics = Path(result.output) / "metrics.jsonl"
     if metrics.is_file():  # rank 0 only writes it
@@ -111,7 +98,7 @@ def train(config_path, **flags) -> None:  # fmt: skip
 
 @click.command("eval")
 @_data_options
-@click.option("--adapter", "-a", help="Adapter directory (e.g. the output of `mlxsft train`).")
+@opt.adapter(help="Adapter directory (e.g. the output of `mlxsft train`).")
 @click.option("--split", default=None, help="Split of a DATA directory. [test, else valid]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(split, as_json, **flags) -> None:

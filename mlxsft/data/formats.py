@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mlxsft.data.types import KINDS, Example, Message
+from mlxsft.config import DATA_FORMATS as FORMATS
+from mlxsft.data.types import Example, Message
 from mlxsft.errors import DataError, UserError
 
-FORMATS = ("auto", *KINDS)
 SPLITS = ("train", "valid", "test")
 ROLE_ALIASES = {
     "system": "system", "developer": "system",

@@ -16,16 +16,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mlxsft.config import BUILTIN_TEMPLATES as BUILTIN
+from mlxsft.config import TEMPLATES as CHOICES
 from mlxsft.errors import DataError, UserError
 
-BUILTIN = ("alpaca", "chatml", "llama3", "mistral", "gemma", "phi3")
 BUILTIN_MARKERS = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<start_of_turn>", "<end_of_turn>"),
     "phi3": ("<|user|>", "<|assistant|>", "<|end|>"),
 }
-CHOICES = ("auto", *BUILTIN, "tokenizer")
 
 
 class TemplateRenderError(DataError):
@@ -157,7 +157,7 @@ def resolve_template(spec: str, tokenizer: Any) -> ChatTemplate:
         if not own:
             raise UserError(
                 "the tokenizer has no chat template",
-                hint="pass --template alpaca|chatml|llama3|mistral|gemma|phi3 or a .jinja file",
+                hint=f"pass --template {'|'.join(BUILTIN)} or a .jinja file",
             )
         return ChatTemplate("tokenizer", own, builtin=False, special_tokens=special)
     if spec in BUILTIN:

@@ -12,8 +12,6 @@ from typing import Any
 
 import numpy as np
 
-KINDS = ("chat", "alpaca", "completion", "text")
-
 
 @dataclass
 class Message:
@@ -37,7 +35,7 @@ class Message:
 @dataclass
 class Example:
     messages: list[Message]
-    kind: str  # one of KINDS
+    kind: str  # one of config.DATA_KINDS
     source: str  # "file:line"
     context: str = ""  # alpaca `input` (kept apart so the alpaca template can render it)
     tools: list[dict[str, Any]] | None = None  # OpenAI-style tool schemas, passed to templates

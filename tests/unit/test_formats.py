@@ -235,13 +235,6 @@ def test_hub_dataset_ids_go_through_datasets(monkeypatch):
     assert [e.where for e in errors] == ["someone/some-dataset[valid]:1"]
 
 
-def test_cli_format_choices_match():
-    from mlxsft.commands.data import FORMATS as CLI_FORMATS
-    from mlxsft.data.formats import FORMATS
-
-    assert CLI_FORMATS == FORMATS
-
-
 def test_turns_may_mix_role_and_from_keys():
     row = {"messages": [{"from": "human", "value": "Q"}, {"role": "assistant", "content": "A"}]}
     ex = normalise(row, "chat", "d:1")
