@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -48,17 +49,46 @@ class DemoPlan:
     n_test: int  # held-out test prompts scored by exact match
     eval_every: int
     rank: int = 8
+    minutes: float | None = None  # measured wall time on 2 CPU cores with OpenBLAS, model cached
+
+    def what(self) -> str:
+        """What this plan trains, in words."""
+        if self.fine_tune_type == "lora":
+            return f"a LoRA fine-tune (rank-{self.rank} adapter)"
+        return "a full fine-tune (all weights)"
 
 
 # The tiny model starts from random weights, so the demo trains all of them ("full"): LoRA on a
 # random base learns far slower. On a real (pretrained) model the demo trains a LoRA adapter.
-# FULL takes ~2-3 min on 2 CPU cores; QUICK is the CI run (< 60 s) and still learns.
+# FULL takes ~2-3 min on 2 CPU cores; QUICK is the CI run (< 60 s) and still learns. A real model
+# (--model) trains LoRA, with or without --quick; its time depends on the model.
 FULL = DemoPlan("full", iters=1500, batch_size=8, max_seq_len=128, learning_rate=1e-3,
-                n_test=100, eval_every=250)  # fmt: skip
+                n_test=100, eval_every=250, minutes=2.5)  # fmt: skip
 QUICK = DemoPlan("full", iters=300, batch_size=8, max_seq_len=128, learning_rate=1e-3,
-                 n_test=30, eval_every=60)  # fmt: skip
+                 n_test=30, eval_every=60, minutes=0.6)  # fmt: skip
 HUB = DemoPlan("lora", iters=200, batch_size=4, max_seq_len=512, learning_rate=2e-4,
                n_test=30, eval_every=100, rank=16)  # fmt: skip
+HUB_QUICK = DemoPlan("lora", iters=50, batch_size=4, max_seq_len=512, learning_rate=2e-4,
+                     n_test=10, eval_every=25, rank=16)  # fmt: skip
+
+
+def pick_plan(*, quick: bool, tiny: bool) -> DemoPlan:
+    """The tiny model trains all weights; a real model always trains LoRA (quick or not)."""
+    if tiny:
+        return QUICK if quick else FULL
+    return HUB_QUICK if quick else HUB
+
+
+def expected_time(plan: DemoPlan, *, slow_blas: bool) -> str:
+    """'about N minutes' as measured on 2 CPU cores (or why it cannot be said)."""
+    if plan.minutes is None:
+        return "time depends on the model's size"
+    text = (
+        "under a minute" if plan.minutes < 1 else f"about {math.ceil(plan.minutes)} minutes"
+    ) + " on 2 CPU cores"
+    if slow_blas:
+        text += " with OpenBLAS; ~5-10x longer on the reference BLAS this machine uses (see above)"
+    return text
 
 
 @dataclass
@@ -224,7 +254,9 @@ def run_demo(
     t0 = time.perf_counter()
     out = Path(output)
     tiny = model is None
-    plan = plan or (QUICK if quick else FULL if tiny else HUB)
+    plan = plan or pick_plan(quick=quick, tiny=tiny)
+    base = "a tiny 2-layer model built offline" if tiny else model
+    echo(f"demo: {plan.what()} of {base}, {plan.iters} steps; {_time_note(plan)}")
     echo("== 1/6 model")
     model = _resolve_model(model, echo)
     data = DEMO_DATA
@@ -259,6 +291,12 @@ def run_demo(
     res.total_s = time.perf_counter() - t0
     echo("\n" + summary(res))
     return res
+
+
+def _time_note(plan: DemoPlan) -> str:
+    from mlxsft.blas import blas_status
+
+    return expected_time(plan, slow_blas=blas_status().slow)
 
 
 def _resolve_model(model: str | None, echo: Callable[[str], None]) -> str:

@@ -92,6 +92,8 @@ def test_demo_quick_learns(tmp_path: Path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     assert "tiny model: built" in text and "[[" in text  # inspected rows, trained tokens marked
+    assert "demo: a full fine-tune (all weights) of a tiny 2-layer model" in text.splitlines()[0]
+    assert "under a minute on 2 CPU cores" in text.splitlines()[0]
     m = re.search(r"val loss\s+([\d.]+)\s+->\s+([\d.]+)", text)
     before, after = float(m.group(1)), float(m.group(2))
     assert after < before / 3  # measured: 6.46 -> 1.33 after 300 steps
@@ -113,6 +115,7 @@ def test_demo_on_given_model_trains_lora(tiny_llama: Path, tmp_path: Path):
         model=str(tiny_llama), output=tmp_path / "d", echo=lines.append, plan=plan
     )
     text = "\n".join(lines)
+    assert lines[0].startswith(f"demo: a LoRA fine-tune (rank-4 adapter) of {tiny_llama}, 3 steps")
     assert "training LoRA rank 4: 3 steps" in text
     assert (
         json.loads((result.adapter / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
@@ -122,3 +125,20 @@ def test_demo_on_given_model_trains_lora(tiny_llama: Path, tmp_path: Path):
     )
     assert len(result.after.samples) == 3 and result.answer[0] == result.after.samples[0][0]
     assert "exact match" in text.splitlines()[-5]
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_real_model_always_trains_lora(quick: bool):
+    """`demo --model M [--quick]` trains a LoRA adapter; only the random-init tiny model trains all
+    weights."""
+    plan = demo.pick_plan(quick=quick, tiny=False)
+    assert plan.fine_tune_type == "lora" and plan.learning_rate <= 2e-4
+    assert demo.pick_plan(quick=quick, tiny=True).fine_tune_type == "full"
+    assert demo.pick_plan(quick=True, tiny=False).iters < demo.HUB.iters
+
+
+def test_expected_time_is_the_measured_one():
+    assert demo.expected_time(demo.FULL, slow_blas=False) == "about 3 minutes on 2 CPU cores"
+    assert demo.expected_time(demo.QUICK, slow_blas=False) == "under a minute on 2 CPU cores"
+    assert "reference BLAS" in demo.expected_time(demo.FULL, slow_blas=True)
+    assert demo.expected_time(demo.HUB, slow_blas=False) == "time depends on the model's size"
