@@ -1,9 +1,12 @@
 """Linux CPU speed: the `mlx[cpu]` wheel bundles the netlib *reference* BLAS, ~10x slower at
-matmul than OpenBLAS. When Debian/Ubuntu's OpenBLAS is installed we load it into the global
-symbol scope *before* mlx is imported (`dlopen(RTLD_GLOBAL)`: its `sgemm_` then wins symbol
-lookup over the bundled one, exactly as with LD_PRELOAD), or, if mlx is already imported, re-exec
-the command with it in LD_PRELOAD. Results agree to float rounding. Without OpenBLAS we print,
-once, the one command that installs it. Opt out with MLXSFT_NO_BLAS_PRELOAD=1.
+matmul than OpenBLAS. We load an OpenBLAS into the global symbol scope *before* mlx is imported
+(`dlopen(RTLD_GLOBAL)`: its `cblas_sgemm` then wins symbol lookup over the bundled one, exactly as
+with LD_PRELOAD), or, if mlx is already imported, re-exec the command with it in LD_PRELOAD.
+Results agree to float rounding. Which OpenBLAS: Debian/Ubuntu's when installed, else the one of
+the `ngsolve-openblas` wheel, a dependency of mlxsft on x86-64 Linux (so `pip install` alone gives
+the fast path; scipy's `scipy-openblas32/64` wheels cannot serve: their symbols are renamed
+`scipy_*`, so they override nothing). Without either we print, once, the command that installs
+one. Opt out with MLXSFT_NO_BLAS_PRELOAD=1.
 
 Thread policy: one OpenBLAS thread (OPENBLAS_NUM_THREADS=1) unless the user set
 OPENBLAS_NUM_THREADS. Threaded OpenBLAS spin-waits for its peers; when another process holds a
@@ -16,6 +19,7 @@ Only standard library here: this runs before mlx is imported.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 import platform
@@ -27,6 +31,7 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
 )
+WHEEL_PACKAGE = "ngsolve_openblas"  # PyPI's ngsolve-openblas: DYNAMIC_ARCH, pthreads, x86-64
 INSTALL_HINT = "sudo apt-get install -y libopenblas0-pthread"
 OPT_OUT = "MLXSFT_NO_BLAS_PRELOAD"
 THREADS = "OPENBLAS_NUM_THREADS"  # ours: 1 unless the user set it (see the module docstring)
@@ -60,6 +65,49 @@ def _bundled_reference_blas() -> Path | None:
     return None
 
 
+def _cache_dir() -> Path:
+    env = os.environ.get("MLXSFT_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "mlxsft") / "openblas"
+
+
+def _wheel_openblas() -> Path | None:
+    """The OpenBLAS of the `ngsolve-openblas` wheel (no import: its __init__ would load it), seen
+    through a directory of symlinks that also holds `libgfortran.so.5` -> mlx's bundled copy.
+
+    That library needs libgfortran.so.5, which a fresh system may lack; mlx's wheel bundles one
+    under a renamed soname. The library's rpath is `$ORIGIN`, so loaded through the symlink it
+    finds the symlinked libgfortran beside it. If the directory cannot be made, the plain path
+    (which works when the system has libgfortran5).
+    """
+    spec = importlib.util.find_spec(WHEEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = [p for d in spec.submodule_search_locations for p in Path(d).glob("libopenblas*.so*")]
+    if not libs:
+        return None
+    lib = sorted(libs)[0]
+    ref = _bundled_reference_blas()
+    fortran = sorted(ref.parent.glob("libgfortran-*.so.5*")) if ref else []
+    if not fortran:
+        return lib
+    links = {"libopenblas.so.0": lib, "libgfortran.so.5": fortran[0]}
+    links |= {p.name: p for p in ref.parent.glob("libquadmath-*.so*")}  # libgfortran's $ORIGIN
+    key = hashlib.sha256("\0".join(map(str, links.values())).encode()).hexdigest()[:12]
+    out = _cache_dir() / key
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, target in links.items():
+            link = out / name
+            if not (link.is_symlink() and os.readlink(link) == str(target)):
+                tmp = out / f".{name}.{os.getpid()}"
+                tmp.unlink(missing_ok=True)
+                os.symlink(target, tmp)
+                os.replace(tmp, link)
+    except OSError:
+        return lib
+    return out / "libopenblas.so.0"
+
+
 def _openblas_loaded() -> bool:
     if "openblas" in os.environ.get("LD_PRELOAD", ""):
         return True
@@ -73,8 +121,11 @@ def blas_status() -> BlasStatus:
     """Detect the reference BLAS, an installed OpenBLAS and whether it is already preloaded."""
     if platform.system() != "Linux":
         return BlasStatus(None, None, False)
+    reference = _bundled_reference_blas()
     openblas = next((Path(p) for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
-    return BlasStatus(_bundled_reference_blas(), openblas, _openblas_loaded())
+    if openblas is None and reference is not None:
+        openblas = _wheel_openblas()
+    return BlasStatus(reference, openblas, _openblas_loaded())
 
 
 def preload_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -124,7 +175,11 @@ def maybe_reexec_with_fast_blas(argv: list[str] | None = None) -> str:
         return "hint"
     if "mlx.core" not in sys.modules:
         os.environ.setdefault(THREADS, "1")  # read by OpenBLAS when it is loaded, just below
-        ctypes.CDLL(str(status.openblas), mode=ctypes.RTLD_GLOBAL)
+        try:
+            ctypes.CDLL(str(status.openblas), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:  # e.g. a dependency of the library is missing: stay correct, slow
+            print(f"mlxsft: could not load {status.openblas} ({exc})", file=sys.stderr)
+            return "hint"
         return "loaded"
     if argv is None:
         if not _invoked_as_cli():

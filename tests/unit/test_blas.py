@@ -91,6 +91,7 @@ def test_one_openblas_thread_unless_the_user_says_otherwise(tmp_path):
 @needs_reference
 def test_hint_printed_once_without_openblas(monkeypatch, capsys):
     monkeypatch.setattr(blas, "OPENBLAS_CANDIDATES", ("/nonexistent/libblas.so.3",))
+    monkeypatch.setattr(blas, "_wheel_openblas", lambda: None)
     monkeypatch.setattr(blas, "_hinted", False)
     monkeypatch.delenv(blas.OPT_OUT, raising=False)
     monkeypatch.setattr(blas, "_openblas_loaded", lambda: False)
@@ -124,3 +125,40 @@ def test_preload_env():
     env = blas.preload_env({"LD_PRELOAD": "/x.so"})
     assert env["LD_PRELOAD"] == f"{STATUS.openblas}:/x.so"
     assert blas.preload_env(env)["LD_PRELOAD"] == env["LD_PRELOAD"]  # not twice
+
+
+needs_wheel = pytest.mark.skipif(
+    blas._wheel_openblas() is None, reason=f"{blas.WHEEL_PACKAGE} not installed"
+)
+
+
+@needs_reference
+@needs_wheel
+def test_pip_installed_openblas_needs_no_system_package(tmp_path):
+    """With no system OpenBLAS (candidates emptied), the wheel's OpenBLAS is loaded, with mlx's own
+    bundled libgfortran beside it (not the system's), is faster and agrees with the reference."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        _PROBE.replace(
+            "from mlxsft.blas import maybe_reexec_with_fast_blas\n",
+            "import mlxsft.blas as B\nB.OPENBLAS_CANDIDATES = ()\n"
+            "from mlxsft.blas import maybe_reexec_with_fast_blas\n",
+        ).replace(
+            '"openblas": "openblas" in maps,',
+            '"openblas": "ngsolve_openblas" in maps, "fortran": [l.split()[-1] for l in '
+            'maps.splitlines() if "libgfortran" in l][:1],',
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.OPT_OUT)}
+    env["MLXSFT_CACHE"] = str(tmp_path / "cache")
+    run = [sys.executable, str(script)]
+    fast = json.loads(subprocess.run(run, env=env, capture_output=True, text=True, check=True,
+                                     timeout=120).stdout.splitlines()[-1])  # fmt: skip
+    slow = _probe(tmp_path, MLXSFT_NO_BLAS_PRELOAD="1")
+    assert (fast["did"], fast["openblas"]) == ("loaded", True)
+    assert "mlx_cpu.libs" in fast["fortran"][0]  # mlx's copy, found through the symlink dir
+    assert fast["gflops"] > 3 * slow["gflops"], (fast["gflops"], slow["gflops"])
+    for r_slow, r_fast in zip(slow["c"], fast["c"], strict=True):
+        assert r_fast == pytest.approx(r_slow, rel=1e-4, abs=1e-4)
+    links = list((tmp_path / "cache" / "openblas").iterdir())
+    assert len(links) == 1 and (links[0] / "libgfortran.so.5").is_symlink()
