@@ -88,12 +88,29 @@ def train(config_path, **flags) -> None:  # fmt: skip
     """
     from mlxsft.train.loop import train as run
 
-    result = run(C.resolve(flags, config_path))
+    cfg = C.resolve(flags, config_path)
+    result = run(cfg)
     metrics = Path(result.output) / "metrics.jsonl"
     if metrics.is_file():  # rank 0 only writes it
         from mlxsft.report import read_metrics, render_terminal_chart
 
         click.echo(render_terminal_chart(read_metrics(metrics)), err=True)
+        click.echo(next_steps(cfg.model, str(result.output)), err=True)
+
+
+def next_steps(model: str | None, out: str) -> str:
+    """What to run after training: talk to it, fuse it, plot it."""
+    from shlex import quote
+
+    m, o = quote(model or "MODEL"), quote(out)
+    fused = quote(str(Path(out).with_name(Path(out).name + "-fused")))
+    return "\n".join(
+        [
+            f"next: mlxsft chat -m {m} -a {o}",
+            f"next: mlxsft fuse -m {m} -a {o} -o {fused}",
+            f"next: mlxsft report {o}",
+        ]
+    )
 
 
 @click.command("eval")

@@ -13,7 +13,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,9 @@ class _Run:
                 shutil.rmtree(self.out / "best", ignore_errors=True)  # an earlier run's best
             if cfg.resume == "auto":
                 log(f"no checkpoint in {self.out}; starting fresh")
-        if self.world.is_main:
-            save_config(cfg, self.out / "config.yaml")
+        if self.world.is_main:  # the template it resolved to, not "auto"
+            save_config(replace(cfg, template=_template_spec(self.prep.template, cfg.template)),
+                        self.out / "config.yaml")  # fmt: skip
         for note in self.prep.notes:
             log(note)
         if self.loss != cfg.loss:
@@ -181,6 +182,11 @@ class _Run:
         warning = self._memory_warning()
         if warning:
             log(warning)
+        n_rows = sum(1 for plan in self.plans for row in plan.rows if row)
+        if n_rows < cfg.batch_size:
+            rows = "packed rows" if self.prep.pack else "examples"
+            log(f"warning: --batch-size {cfg.batch_size} is more than the {n_rows} {rows} of the "
+                "training data: every step pads with empty rows; lower --batch-size")  # fmt: skip
         n_train, n_total = n_parameters(self.model)
         kind = self.prep.adapter_config.get("fine_tune_type", cfg.fine_tune_type)
         log(
@@ -320,6 +326,11 @@ class _Run:
         self.progress.log(summary(result))
         self.progress.close()
         return result
+
+
+def _template_spec(template: Any, spec: str) -> str:
+    """What --template resolved to, as a --template value ("tokenizer", "alpaca", a path)."""
+    return spec if template is None else template.name
 
 
 def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:

@@ -27,6 +27,7 @@ class Prepared:
     valid: list[Encoded]
     pack: bool
     notes: list[str]
+    template: Any = None  # the resolved data.templates.ChatTemplate
 
 
 def read_split(cfg: TrainConfig, path: str, split: str) -> list[Example]:
@@ -46,13 +47,13 @@ def read_split(cfg: TrainConfig, path: str, split: str) -> list[Example]:
 
 
 def encode_rows(
-    cfg: TrainConfig, tokenizer: Any, examples: list[Example], label: str
+    cfg: TrainConfig, tokenizer: Any, examples: list[Example], label: str, template: Any = None
 ) -> tuple[list[Encoded], str]:
     """Encode examples as training does -> (encoded, a one-line note on drops/truncation)."""
     from mlxsft.data.encode import encode_dataset
     from mlxsft.data.templates import resolve_template
 
-    template = resolve_template(cfg.template, tokenizer)
+    template = template or resolve_template(cfg.template, tokenizer)
     encoded, stats = encode_dataset(examples, tokenizer, template, cfg.train_on, cfg.max_seq_len)
     if not encoded:
         reasons = ", ".join(f"{k}: {v}" for k, v in stats.dropped.items())
@@ -66,7 +67,48 @@ def encode_rows(
         f"; {stats.n_truncated} truncated to {cfg.max_seq_len}; {stats.n_dropped} dropped"
         + (f" ({dropped})" if dropped else "")
     )
+    if stats.n_truncated == len(encoded):
+        note += (
+            f"\nwarning: every {label} example is longer than --max-seq-len {cfg.max_seq_len} and "
+            "was cut (prompts lose their start); raise --max-seq-len"
+        )
     return encoded, note
+
+
+def template_note(spec: str, template: Any) -> str:
+    """`template: NAME (where it came from)` for the start of a run."""
+    if template.name == "tokenizer":
+        why = "the model's own chat template"
+    elif template.builtin:
+        why = "built-in" + ("; the model has no chat template" if spec == "auto" else "")
+    else:
+        why = "template file"
+    return f"template: {template.name} ({why})"
+
+
+def dropped_tool_rows(examples: list[Example], template: Any) -> int:
+    """Rows with tool calls or tool results that the template renders without them (the model
+    would train without ever seeing the tool turns). Rows the template rejects are reported as
+    drops elsewhere."""
+    from mlxsft.data.templates import TemplateRenderError
+
+    n = 0
+    for ex in examples:
+        tool_text = [m.content for m in ex.messages if m.role == "tool" and m.content.strip()]
+        tool_text += [
+            str(call.get("function", call).get("name", ""))
+            for m in ex.messages
+            for call in (m.tool_calls or [])
+        ]
+        tool_text = [t for t in tool_text if t]
+        if not tool_text:
+            continue
+        try:
+            text = template.render([m.to_template_dict() for m in ex.messages], tools=ex.tools)
+        except TemplateRenderError:
+            continue
+        n += any(t not in text for t in tool_text)
+    return n
 
 
 def encode_split(cfg: TrainConfig, tokenizer: Any, path: str, split: str):
@@ -141,17 +183,41 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise UserError("no model given", hint="pass --model DIR_OR_HUB_ID")
     if not cfg.data:
         raise UserError("no training data given", hint="pass --data FILE_OR_DIR")
+    from mlxsft.data.templates import resolve_template
+
     train_rows = read_split(cfg, cfg.data, "train")
     source = valid_source(cfg)
     valid_rows = read_split(cfg, *source) if source else []
     loaded, adapter_config, notes = load_model(cfg, train=True)
     pack = use_packing(cfg, loaded.model)
-    train, note = encode_rows(cfg, loaded.tokenizer, train_rows, "train")
+    template = resolve_template(cfg.template, loaded.tokenizer)
+    notes.append(template_note(cfg.template, template))
+    train, note = encode_rows(cfg, loaded.tokenizer, train_rows, "train", template)
     notes.append(note)
+    n_tools = dropped_tool_rows(train_rows, template)
+    if n_tools:
+        notes.append(
+            f"warning: template {template.name!r} leaves out the tool calls/results of "
+            f"{n_tools} train rows (the model never sees them); use a template with tool "
+            "support (e.g. the model's own) or a .jinja file"
+        )
     valid: list[Encoded] = []
     if valid_rows:
-        valid, note = encode_rows(cfg, loaded.tokenizer, valid_rows, "valid")
+        valid, note = encode_rows(cfg, loaded.tokenizer, valid_rows, "valid", template)
         notes.append(note)
+    else:
+        notes.append(
+            "warning: no validation data (no valid.jsonl beside DATA, no --valid): no val loss "
+            "and no best checkpoint"
+        )
     return Prepared(
-        loaded.model, loaded.tokenizer, loaded.config, adapter_config, train, valid, pack, notes
+        loaded.model,
+        loaded.tokenizer,
+        loaded.config,
+        adapter_config,
+        train,
+        valid,
+        pack,
+        notes,
+        template,
     )

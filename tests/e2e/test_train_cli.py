@@ -192,3 +192,47 @@ def test_peft_adapter_works_in_eval_and_as_a_starting_point(tiny_llama, data_dir
     result = _invoke([*args, "--iters", "2", *FAST[2:]])
     assert result.exit_code == 0, result.output
     assert (more / "adapters.safetensors").is_file()
+
+
+def test_train_says_what_it_uses_and_warns(tiny_llama_base, tmp_path):
+    """The resolved template, split sizes, one-line warnings (no validation data, batch larger than
+    the data, every example cut, tool turns the template drops), config.yaml's template, next."""
+    tool_row = {"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"c": "Oslo"}}}]},
+        {"role": "tool", "content": "sunny 21C"},
+        {"role": "assistant", "content": "Sunny, 21 degrees."},
+    ]}  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join([_row(q, a) for q, a in TASKS[:2]] + [json.dumps(tool_row)]) + "\n")
+    template = tmp_path / "plain.jinja"  # user and assistant text only: tool turns vanish
+    template.write_text(
+        "{% for m in messages %}{% if m['role'] in ['user', 'assistant'] %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    out = tmp_path / "out"
+    args = ["train", "-m", tiny_llama_base, "-d", data, "-o", out, "--iters", "1",
+            "--batch-size", "8", "--max-seq-len", "8", "--template", template]  # fmt: skip
+    result = _invoke(args)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert f"template: {template} (template file)" in text
+    assert "train: 3 examples" in text
+    assert "warning: no validation data" in text
+    assert "warning: --batch-size 8 is more than the" in text
+    assert "warning: every train example is longer than --max-seq-len 8" in text
+    assert (
+        f"warning: template '{template}' leaves out the tool calls/results of 1 train rows" in text
+    )
+    assert f"next: mlxsft chat -m {tiny_llama_base} -a {out}" in text
+    assert f"next: mlxsft report {out}" in text
+    assert yaml.safe_load((out / "config.yaml").read_text())["template"] == str(template)
+
+    # auto on a base model without a chat template: alpaca, recorded as such
+    result = _invoke(["train", "-m", tiny_llama_base, "-d", data, "-o", out, "--iters", "1"])
+    assert result.exit_code == 0, result.output
+    assert "template: alpaca (built-in; the model has no chat template)" in result.output
+    assert "leaves out the tool" not in result.output  # alpaca renders tool turns
+    assert yaml.safe_load((out / "config.yaml").read_text())["template"] == "alpaca"
