@@ -59,11 +59,27 @@ class _Group(click.Group):
 _RUNS_MODELS = {"train", "eval", "plan", "fuse", "export", "generate", "chat", "demo"}
 
 
+def quiet_third_party() -> None:
+    """Hide transformers' advice and warnings ("PyTorch was not found", "Token indices sequence
+    length is longer than ...": mlxsft truncates itself) and Python warnings raised inside
+    third-party packages. Environment variables, so re-exec'd and launched processes inherit
+    them; a user's own setting wins."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for module in ("transformers", "huggingface_hub", "tokenizers", "mlx_lm", "jinja2"):
+        warnings.filterwarnings("ignore", module=rf"{module}(\.|$)")
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlxsft")
+@click.option("-v", "--verbose", is_flag=True, help="Also show third-party warnings.")
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, verbose: bool) -> None:
     """Supervised instruction fine-tuning with MLX: exact response-only masks, packing, LoRA."""
+    if not verbose:
+        quiet_third_party()
     if ctx.invoked_subcommand in _RUNS_MODELS and "--help" not in sys.argv and "-h" not in sys.argv:
         from mlxsft.blas import maybe_reexec_with_fast_blas
 

@@ -61,8 +61,46 @@ def data_files(path: str | Path, split: str = "train") -> list[Path]:
             raise UserError(f"{p}: no {split}.jsonl", hint=f"found: {', '.join(splits)}")
         return [splits[split]]
     if p.is_file():
+        check_data_file(p)
         return [p]
     raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+_CSV_HINT = (
+    "convert it to JSON lines with the columns as keys (instruction,input,output or "
+    'prompt,completion or text): python -c "import csv,json,sys; [print(json.dumps(r)) for r '
+    'in csv.DictReader(open(sys.argv[1]))]" FILE.csv > FILE.jsonl'
+)
+_TABLE_HINT = (
+    "convert it to JSON lines, e.g. with pandas: "
+    "pd.read_parquet(F).to_json('data.jsonl', orient='records', lines=True)"
+)
+_MODEL_HINT = "this is a model file: pass models with --model; DATA is a .jsonl/.json file or a dir"
+NOT_DATA = {
+    ".csv": ("a CSV file", _CSV_HINT),
+    ".tsv": ("a TSV file", _CSV_HINT + " (with delimiter='\\t')"),
+    ".parquet": ("a Parquet file", _TABLE_HINT),
+    ".arrow": ("an Arrow file", _TABLE_HINT),
+    ".xlsx": ("an Excel file", _TABLE_HINT.replace("read_parquet", "read_excel")),
+    ".gguf": ("a GGUF model file", _MODEL_HINT),
+    ".safetensors": ("model weights", _MODEL_HINT),
+    ".bin": ("a binary file", _MODEL_HINT),
+    ".pt": ("PyTorch weights", _MODEL_HINT),
+}
+
+
+def check_data_file(file: Path) -> None:
+    """One clear error for a file that is not JSON at all (CSV, Parquet, a model, binary), instead
+    of one "malformed JSON" line per row."""
+    with file.open("rb") as f:
+        head = f.read(4096)
+    kind, hint = NOT_DATA.get(file.suffix.lower(), (None, None))
+    if head.startswith(b"GGUF"):
+        kind, hint = NOT_DATA[".gguf"]
+    if kind is None and b"\0" in head:
+        kind, hint = "a binary file", "DATA is a UTF-8 .jsonl/.json file or a directory"
+    if kind is not None:
+        raise DataError(f"{kind}, not JSON lines", where=str(file), hint=hint)
 
 
 def iter_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,24 @@ def test_data_command_imports_only_click():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_third_party_warnings_hidden_unless_verbose(model_dir, tmp_path):
+    """transformers' "Token indices sequence length is longer than ..." (mlxsft truncates by
+    itself) is not shown by default; `mlxsft -v` shows it."""
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(model_dir, tok)
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 4}))
+    data = write(tmp_path / "d.jsonl", GOOD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+    cmd = ["data", "inspect", str(data), "-m", str(tok), "-n", "1"]
+    outs = [
+        subprocess.run([sys.executable, "-m", "mlxsft", *flags, *cmd], capture_output=True,
+                       text=True, env=env, check=True).stderr
+        for flags in ([], ["-v"])
+    ]  # fmt: skip
+    assert "Token indices sequence length" not in outs[0], outs[0]
+    assert "Token indices sequence length" in outs[1]

@@ -239,3 +239,26 @@ def test_turns_may_mix_role_and_from_keys():
     row = {"messages": [{"from": "human", "value": "Q"}, {"role": "assistant", "content": "A"}]}
     ex = normalise(row, "chat", "d:1")
     assert [(m.role, m.content) for m in ex.messages] == [("user", "Q"), ("assistant", "A")]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem", "hint"),
+    [
+        (
+            "d.csv",
+            b"instruction,output\nhi,there\n",
+            "a CSV file, not JSON lines",
+            "csv.DictReader",
+        ),
+        ("d.parquet", b"PAR1\0\0", "a Parquet file", "read_parquet"),
+        ("model.bin", b"GGUF\x03\0\0\0", "a GGUF model file", "--model"),  # magic wins
+        ("d.jsonl", b"\x89PNG\r\n\x1a\n\0\0", "a binary file", "UTF-8"),
+    ],
+)
+def test_not_json_files_are_one_error_with_a_hint(tmp_path, name, content, problem, hint):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        read_examples(path)
+    assert err.value.where == str(path) and problem in err.value.problem
+    assert hint in err.value.hint
