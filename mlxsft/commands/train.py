@@ -122,7 +122,8 @@ def eval_cmd(split, as_json, **flags) -> None:
     """Loss, perplexity and token count of MODEL [+ ADAPTER] on DATA, masked as in training."""
     from mlxsft.train.evaluate import evaluate_model
 
-    result = evaluate_model(C.resolve(flags), split=split)
+    click.echo("eval: loading the model and encoding the data ...", err=True)
+    result = evaluate_model(C.resolve(flags), split=split, on_batch=_eval_progress())
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -130,3 +131,24 @@ def eval_cmd(split, as_json, **flags) -> None:
         f"{result['split']}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
         f"{result['tokens']} trained tokens in {result['examples']} examples"
     )
+
+
+def _eval_progress():
+    """`on_batch` for `evaluate`: a live `eval: batch i/n  ETA` line on a terminal, else a line
+    at about every 10%."""
+    import sys
+    import time
+
+    start = time.perf_counter()
+    live = sys.stderr.isatty()
+
+    def on_batch(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        eta = elapsed / done * (total - done)
+        line = f"eval: batch {done}/{total}  {elapsed:.0f} s  ETA {eta:.0f} s"
+        if live:
+            click.echo("\r" + line + ("\n" if done == total else ""), nl=False, err=True)
+        elif done == total or done % max(1, total // 10) == 0:
+            click.echo(line, err=True)
+
+    return on_batch

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,11 @@ def evaluate(
     max_seq_len: int,
     pack: bool,
     world: World,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[float, int]:
     """(mean CE over trained tokens, trained tokens) over all of `encoded` in file order; each
-    rank evaluates its rows of every batch and the sums are all-reduced."""
+    rank evaluates its rows of every batch and the sums are all-reduced. `on_batch(done, total)`
+    is called after each batch (progress)."""
     plans = plan_epoch(
         encoded,
         batch_size=batch_size,
@@ -38,10 +40,12 @@ def evaluate(
         shuffle=False,
     )
     total, count = mx.array(0.0), mx.array(0.0)
-    for plan in plans:
+    for i, plan in enumerate(plans, start=1):
         s, n = eval_step(world.shard(make_batch(encoded, plan)))
         total, count = total + s, count + n
         mx.eval(total, count)
+        if on_batch is not None:
+            on_batch(i, len(plans))
     if world.size > 1:
         total, count = world.all_reduce([total, count])
     n_tokens = int(count.item())
@@ -62,9 +66,14 @@ def default_split(data: str) -> str:
     return next(s for s in ("test", "valid", "train") if s in found)
 
 
-def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, Any]:
+def evaluate_model(
+    cfg: TrainConfig,
+    *,
+    split: str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """`mlxsft eval`: loss, perplexity and trained tokens of cfg.model (+ cfg.adapter) on
-    cfg.data, batched and masked as training does."""
+    cfg.data, batched and masked as training does (`on_batch` as in `evaluate`)."""
     from mlxsft.train.loss import choose_loss
     from mlxsft.train.setup import encode_rows, load_model, read_split, use_packing
     from mlxsft.train.step import make_eval_step
@@ -84,6 +93,7 @@ def evaluate_model(cfg: TrainConfig, *, split: str | None = None) -> dict[str, A
         max_seq_len=cfg.max_seq_len,
         pack=use_packing(cfg, model),
         world=init_world(),
+        on_batch=on_batch,
     )
     return {
         "split": label,  # the split of a DATA directory, else the file name

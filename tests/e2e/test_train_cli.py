@@ -7,6 +7,7 @@ mlx-lm's own loader applies the adapter and must give mlxsft's base+adapter logi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -94,6 +95,7 @@ def test_train_loss_falls_and_mlx_lm_loads_adapter(arch, request, data_dir, tmp_
     result = _invoke(["eval", "--model", model_dir, "--adapter", out, "--data", data_dir,
                       "--max-seq-len", "64", "--batch-size", "4", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert re.search(r"eval: batch (\d+)/\1 ", result.output)  # progress (stderr)
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["split"] == "valid" and report["tokens"] == evals[-1]["val_tokens"]
     assert report["loss"] == pytest.approx(evals[-1]["val_loss"], abs=1e-5)
