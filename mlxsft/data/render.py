@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from mlxsft.config import TRAIN_ON
 from mlxsft.data.templates import ChatTemplate, TemplateRenderError
 from mlxsft.data.types import Dropped, Encoded, Example, Message
 from mlxsft.errors import UserError
 
-TRAIN_ON = ("responses", "last", "all")
 EOT_MARKERS = (
     "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>", "<|eom_id|>",
 )  # fmt: skip
