@@ -23,7 +23,8 @@ from mlxsft.generate import Generation, Generator, SamplingParams
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
   /system TEXT    set the system prompt (empty TEXT removes it)
-  /save FILE      write the conversation as one {"messages": [...]} JSON row (ready to train on)
+  /save FILE      write the conversation as one {"messages": [...]} JSON row (ready to train on;
+                  replies cut by max_tokens or Ctrl-C are marked "train": false)
   /load FILE      continue the conversation saved in FILE
   /undo           remove the last user message and reply
   /params [k=v]   show or set sampling parameters, e.g. /params temp=0.7 top_p=0.9
@@ -67,7 +68,7 @@ class ChatSession:
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as a chat template (and a training row) sees it."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [dict(m) for m in self.turns]
+        return head + [{k: v for k, v in m.items() if k != "cut"} for m in self.turns]
 
     def reset(self) -> None:
         self.turns = []
@@ -80,9 +81,20 @@ class ChatSession:
                 return True
         return False
 
-    def save(self, path: str) -> None:
-        row = json.dumps({"messages": self.messages}, ensure_ascii=False)
+    def save(self, path: str) -> int:
+        """Write the conversation as a training row; replies cut by max_tokens or Ctrl-C are
+        marked `"train": false` (kept as context, never learned). Returns how many were."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        turns = [
+            {
+                **{k: v for k, v in m.items() if k != "cut"},
+                **({"train": False} if m.get("cut") else {}),
+            }
+            for m in self.turns
+        ]
+        row = json.dumps({"messages": head + turns}, ensure_ascii=False)
         Path(path).write_text(row + "\n", encoding="utf-8")
+        return sum(1 for m in self.turns if m.get("cut"))
 
     def load(self, path: str) -> None:
         from mlxsft.data.formats import read_conversation
@@ -90,7 +102,11 @@ class ChatSession:
         messages = read_conversation(path).messages
         system = [m.content for m in messages if m.role == "system"]
         self.system = system[0] if system else self.system
-        self.turns = [m.to_template_dict() for m in messages if m.role != "system"]
+        self.turns = [
+            {**m.to_template_dict(), **({"cut": True} if m.train is False else {})}
+            for m in messages
+            if m.role != "system"
+        ]
 
     def _fit(self, on_notice: Callable[[str], None]) -> list[int]:
         """Prompt ids for the conversation, dropping the oldest turns while it overflows (the
@@ -155,7 +171,10 @@ class ChatSession:
             self.turns.pop()  # stopped before any reply: forget the message too
             return result
         # The exact decoded ids (the streamed text may drop a leading space, as mlx-lm's does).
-        self.turns.append({"role": "assistant", "content": self.gen.decode(result.tokens)})
+        reply = {"role": "assistant", "content": self.gen.decode(result.tokens)}
+        if result.finish_reason != "stop":  # cut at max_tokens or by Ctrl-C: not a whole reply
+            reply["cut"] = True
+        self.turns.append(reply)
         return result
 
 
@@ -180,8 +199,9 @@ def handle_command(session: ChatSession, line: str, out: TextIO, err: TextIO) ->
     elif name in ("/save", "/load") and not arg:
         raise UserError(f"{name} needs a file name", hint=f"{name} chat.jsonl")
     elif name == "/save":
-        session.save(arg)
-        print(f"[saved {len(session.messages)} messages to {arg}]", file=err)
+        n_cut = session.save(arg)
+        cut = f'; {n_cut} cut replies marked "train": false' if n_cut else ""
+        print(f"[saved {len(session.messages)} messages to {arg}{cut}]", file=err)
     elif name == "/load":
         session.load(arg)
         print(f"[loaded {len(session.messages)} messages from {arg}]", file=err)

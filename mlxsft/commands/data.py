@@ -41,7 +41,7 @@ def inspect(data_path, data_opt, model, template, fmt, train_on, max_seq_len, nu
     from mlxsft.data.encode import encode_dataset
     from mlxsft.data.formats import read_examples
     from mlxsft.data.stats import format_stats, marked_text
-    from mlxsft.data.templates import resolve_template, template_warnings
+    from mlxsft.data.templates import resolve_template, template_label, template_warnings
     from mlxsft.errors import DataError
     from mlxsft.model.loading import load_tokenizer
 
@@ -69,8 +69,8 @@ def inspect(data_path, data_opt, model, template, fmt, train_on, max_seq_len, nu
         return
     color = sys.stdout.isatty() if color is None else color
     click.echo(
-        f"template: {chat_template.name}   format: {examples[0].kind}   train on: {train_on}"
-        f"   max seq len: {max_seq_len}"
+        f"template: {template_label(chat_template.name, examples)}   format: {examples[0].kind}"
+        f"   train on: {train_on}   max seq len: {max_seq_len}"
     )
     for enc in shown:
         cut = f", truncated to {max_seq_len}" if enc.truncated else ""

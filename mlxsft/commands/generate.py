@@ -108,6 +108,10 @@ def generate(prompt, messages_file, raw, verbose, **kw) -> None:
     result = gen.generate(ids, params, on_text=write)
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if result.finish_reason == "length":  # a notice, not a statistic: shown even with --quiet
+        click.echo(
+            f"[cut at --max-tokens {params.max_tokens}: the reply may be incomplete]", err=True
+        )
     if verbose:
         if result.finish_reason == "interrupted":
             click.echo("[interrupted]", err=True)

@@ -187,3 +187,15 @@ def template_warnings(template: ChatTemplate, tokenizer: Any) -> list[str]:
         f"template {template.name!r}: {', '.join(missing)} not single tokens in this tokenizer; "
         "they will be trained as plain text (is this the template the model was trained with?)"
     ]
+
+
+def template_label(name: str, examples: list[Any]) -> str:
+    """The template's name as the data uses it: completion and text rows are never templated
+    (raw text), so a dataset of only those uses no template at all."""
+    kinds = {e.kind for e in examples}
+    raw = kinds & {"completion", "text"}
+    if not raw:
+        return name
+    if raw == kinds:
+        return "none (completion/text rows are raw text)"
+    return f"{name} (completion/text rows: raw text)"

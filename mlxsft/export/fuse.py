@@ -185,7 +185,7 @@ def fuse_model(
     if base is None:
         echo(f"{adapter} is a full fine-tune: nothing to merge, writing its weights")
     else:
-        echo(f"fused {adapter} into {model}")
+        echo(f"merged adapter {adapter} with base {model} (the base is not changed)")
     for line in report.lines():
         echo(line)
     if quantize is not None:
@@ -205,7 +205,7 @@ def fuse_model(
         adapter_dir=Path(adapter),
         fidelity=report.as_dict(),
     )
-    echo(f"wrote {output}")
+    echo(f"wrote the fused model to {output}")
     return report
 
 

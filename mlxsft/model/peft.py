@@ -12,6 +12,7 @@ maps to PEFT's `lora_magnitude_vector` (both normalise each output row of W + sc
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,10 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str,
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata)
+    # safetensors writes through a private temp file (mode 0600); give it the mode of any new file
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_adapter_json(path: Path) -> dict:

@@ -75,8 +75,13 @@ def encode_rows(
     return encoded, note
 
 
-def template_note(spec: str, template: Any) -> str:
+def template_note(spec: str, template: Any, examples: list[Example]) -> str:
     """`template: NAME (where it came from)` for the start of a run."""
+    from mlxsft.data.templates import template_label
+
+    label = template_label(template.name, examples)
+    if label != template.name:
+        return f"template: {label}"
     if template.name == "tokenizer":
         why = "the model's own chat template"
     elif template.builtin:
@@ -191,7 +196,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     loaded, adapter_config, notes = load_model(cfg, train=True)
     pack = use_packing(cfg, loaded.model)
     template = resolve_template(cfg.template, loaded.tokenizer)
-    notes.append(template_note(cfg.template, template))
+    notes.append(template_note(cfg.template, template, train_rows))
     train, note = encode_rows(cfg, loaded.tokenizer, train_rows, "train", template)
     notes.append(note)
     n_tools = dropped_tool_rows(train_rows, template)

@@ -75,9 +75,11 @@ def test_save_load_roundtrip_and_commands(gen: Generator, tmp_path: Path) -> Non
     s = ChatSession(gen, params=PARAMS)
     out, err = io.StringIO(), io.StringIO()
     handle_command(s, "/system Answer in French.", out, err)
-    s.send("Bonjour?")
+    reply = s.send("Bonjour?")
     handle_command(s, f"/save {tmp_path / 'c.jsonl'}", out, err)
     row = json.loads((tmp_path / "c.jsonl").read_text())
+    cut = reply.finish_reason == "length"  # a reply cut at max_tokens is saved as context only
+    assert row["messages"][-1].pop("train", True) is not cut
     assert row == {"messages": s.messages} and row["messages"][0]["role"] == "system"
     t = ChatSession(gen, params=PARAMS)
     handle_command(t, f"/load {tmp_path / 'c.jsonl'}", out, err)
@@ -134,6 +136,9 @@ def test_chat_through_piped_stdin(tiny_llama: Path, tmp_path: Path) -> None:
     assert rows[2]["n_fed"] <= len(rows[2]["prompt_ids"]) - len(rows[0]["prompt_ids"])
     assert gen.decode(rows[0]["reply_ids"]) == messages[2]["content"]
     assert gen.decode(rows[2]["reply_ids"]) == messages[4]["content"]
+    # replies cut at --max-tokens 12 are saved as context only
+    for row, reply in ((rows[0], messages[2]), (rows[2], messages[4])):
+        assert (reply.get("train") is False) == (len(row["reply_ids"]) == 12), reply
     # The training encoding of the saved row starts with the last prompt + the last reply's text.
     full = gen.renderer.conversation_ids(messages)
     assert full[: len(rows[2]["prompt_ids"])] == rows[2]["prompt_ids"]
@@ -144,7 +149,9 @@ def test_chat_through_piped_stdin(tiny_llama: Path, tmp_path: Path) -> None:
     assert rows[3]["prompt_ids"] == gen.prompt_ids(after_reset)
 
 
-def test_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(gen: Generator) -> None:
+def test_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(
+    gen: Generator, tmp_path: Path
+) -> None:
     s = ChatSession(gen, params=PARAMS)
     calls: list[str] = []
 
@@ -156,6 +163,14 @@ def test_ctrl_c_keeps_the_partial_reply_and_a_consistent_cache(gen: Generator) -
     first = s.send("Hello there.", on_text=interrupt)
     assert first.finish_reason == "interrupted"
     assert s.messages[-1] == {"role": "assistant", "content": gen.decode(first.tokens)}
+    # /save keeps the cut reply as context, not as a training target; /load keeps that
+    saved = tmp_path / "cut.jsonl"
+    assert s.save(str(saved)) == 1
+    row = json.loads(saved.read_text())["messages"]
+    assert row[-1] == {"role": "assistant", "content": gen.decode(first.tokens), "train": False}
+    again = ChatSession(gen, params=PARAMS)
+    again.load(str(saved))
+    assert again.save(str(saved)) == 1 and json.loads(saved.read_text())["messages"] == row
     # Every token the cache holds is known: the prompt, then the reply tokens fed so far.
     assert len(s.context) == len(s.prompts[0]) + len(first.tokens)
     assert s.context == s.prompts[0] + first.tokens

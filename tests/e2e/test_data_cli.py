@@ -193,3 +193,12 @@ def test_third_party_warnings_hidden_unless_verbose(model_dir, tmp_path):
     ]  # fmt: skip
     assert "Token indices sequence length" not in outs[0], outs[0]
     assert "Token indices sequence length" in outs[1]
+
+
+def test_inspect_says_completion_rows_use_no_template(tmp_path, model_dir):
+    data = write(tmp_path / "c.jsonl", [{"prompt": "Hi.", "completion": " Hey"}])
+    result = run("data", "inspect", "-d", str(data), "-m", str(model_dir), "-t", "chatml")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("template: none (completion/text rows are raw text)")
+    assert "Hi.[[ Hey" in result.stdout  # raw concatenation, no chat markers
+    assert run("data", "inspect", str(data), "-d", "other.jsonl", "-m", "m").exit_code == 2

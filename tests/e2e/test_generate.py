@@ -158,8 +158,10 @@ def test_cli_generate_messages_and_errors(tiny_llama: Path, tmp_path: Path) -> N
     res = runner.invoke(main, [*args, "--messages", str(file), "--quiet"])
     assert res.exit_code == 0, res.output
     gen = Generator.load(str(tiny_llama))
-    expected = gen.generate(gen.prompt_ids(MESSAGES), SamplingParams(max_tokens=12)).text
-    assert res.stdout == expected + "\n"
+    expected = gen.generate(gen.prompt_ids(MESSAGES), SamplingParams(max_tokens=12))
+    assert res.stdout == expected.text + "\n"
+    cut = "[cut at --max-tokens 12: the reply may be incomplete]" in res.stderr
+    assert cut == (expected.finish_reason == "length")
     res = runner.invoke(main, [*args, "--messages", str(file), "-p", "x"])
     assert res.exit_code == 2 and "exactly one of --prompt and --messages" in res.stderr
     res = runner.invoke(main, [*args, "-p", "x", "--template", "nope"])
@@ -179,6 +181,7 @@ def test_cli_stories260k_raw_continuation(shared_fixtures: Path) -> None:
     assert res.exit_code == 0, res.output
     assert res.stdout.startswith(", there was a little girl named Lily. She loved to play")
     assert "generation: 20 tokens" in res.stderr and "tokens/s" in res.stderr
+    assert "[cut at --max-tokens 20: the reply may be incomplete]" in res.stderr
     text, _ = _mlx_lm_greedy(model, [1, 403, 407, 261, 378], 20)  # BOS + "Once upon a time"
     assert res.stdout == text + "\n"
 

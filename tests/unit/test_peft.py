@@ -140,3 +140,15 @@ def test_hf_peft_reproduces_mlxsft_logits(which, base, request, tmp_path):
         got = model(torch.tensor([IDS])).logits[0].numpy()
     ref = adapted_logits(base_dir, adapter, IDS)
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_peft_weights_get_the_usual_file_mode(lora_dir, tmp_path):
+    """Not safetensors' private 0600 temp-file mode: readable like the config beside it."""
+    import os
+
+    out = export_peft(lora_dir, tmp_path / "peft")
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = out / "adapter_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert weights.stat().st_mode & 0o777 == (out / "adapter_config.json").stat().st_mode & 0o777
