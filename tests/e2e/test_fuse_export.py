@@ -46,7 +46,9 @@ def test_fuse_lora_llama(tiny_llama, llama_adapter, tmp_path):
     )
     assert "max |logit diff|" in text and "retained after fusing 100.0%" in text
     assert "warning" not in text
-    assert f"merged adapter {llama_adapter} with base {tiny_llama} (the base is not changed)" in text
+    assert (
+        f"merged adapter {llama_adapter} with base {tiny_llama} (the base is not changed)" in text
+    )
     assert f"wrote the fused model to {out}" in text
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
