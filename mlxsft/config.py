@@ -104,6 +104,7 @@ class TrainConfig:
     save_every: int = 100  # steps; 0 = only at the end
     steps_per_report: int = 10
     resume: str | None = None  # "auto" or a checkpoint directory
+    report_to: str | None = None  # also log metrics to: tensorboard, wandb (comma list)
 
     def validate(self) -> TrainConfig:
         """Check types and ranges; raise UserError naming the offending key."""
@@ -115,6 +116,9 @@ class TrainConfig:
         _choice("loss", self.loss, LOSS_HEADS)
         if self.quantize is not None:
             _choice("quantize", self.quantize, QUANTIZE_BITS)
+        for name in (self.report_to or "").split(","):
+            if name.strip() not in ("", "none"):
+                _choice("report_to", name.strip(), REPORT_TO)
         for key in ("rank", "batch_size", "grad_accum", "steps_per_report"):
             _at_least(key, getattr(self, key), 1)
         _at_least("max_seq_len", self.max_seq_len, 2)

@@ -79,6 +79,11 @@ def _data_options(f):
 )
 @click.option("--steps-per-report", type=int, help="Report every N steps." + _d("steps_per_report"))
 @click.option("--resume", help="auto (newest checkpoint in --output) or a checkpoint dir.")
+@click.option(
+    "--report-to",
+    help=f"Also log metrics.jsonl's records to {' and/or '.join(C.REPORT_TO)} (comma list; "
+    "pip install 'mlxsft[tensorboard]' / 'mlxsft[wandb]').",
+)
 def train(config_path, **flags) -> None:  # fmt: skip
     """Fine-tune MODEL on DATA (LoRA, DoRA, full; QLoRA on quantized models).
 

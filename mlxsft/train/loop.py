@@ -95,9 +95,11 @@ class _Run:
         from mlxsft.train.schedule import build_optimizer, build_schedule
         from mlxsft.train.setup import prepare
         from mlxsft.train.step import enable_grad_checkpoint, make_eval_step, make_train_step
+        from mlxsft.train.trackers import check_available, open_trackers
 
         self.t_start = time.perf_counter()
         self.cfg = cfg
+        check_available(cfg.report_to)  # before the model loads
         self.world = world = init_world()
         world.check_batch_size(cfg.batch_size, cfg.grad_accum)
         self.out = Path(cfg.output)
@@ -129,6 +131,7 @@ class _Run:
             resume_step=self.state.step,
             stream=stream,
             enabled=world.is_main,
+            trackers=open_trackers(cfg.report_to, self.out, cfg.to_dict()) if world.is_main else [],
         )
         self.loss = choose_loss(cfg.loss, self.model)
         self.step_fn = make_train_step(

@@ -43,8 +43,10 @@ class Progress:
         resume_step: int = 0,
         stream: TextIO | None = None,
         enabled: bool = True,
+        trackers: list[Any] | None = None,
     ):
         self.enabled = enabled
+        self.trackers = list(trackers or [])  # train.trackers: get every record too
         self.stream = stream or sys.stderr
         self.live = enabled and self.stream.isatty()
         self.total, self.per_epoch, self.every = total_steps, steps_per_epoch, every
@@ -70,6 +72,8 @@ class Progress:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def train_step(self, record: dict[str, Any], seconds: float) -> None:
         if not self.enabled:
@@ -128,6 +132,9 @@ class Progress:
         if self.file is not None:
             self.file.close()
             self.file = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _open_metrics(path: Path, resume_step: int) -> TextIO:
