@@ -157,7 +157,8 @@ def test_pip_installed_openblas_needs_no_system_package(tmp_path):
     slow = _probe(tmp_path, MLXSFT_NO_BLAS_PRELOAD="1")
     assert (fast["did"], fast["openblas"]) == ("loaded", True)
     assert "mlx_cpu.libs" in fast["fortran"][0]  # mlx's copy, found through the symlink dir
-    assert fast["gflops"] > 3 * slow["gflops"], (fast["gflops"], slow["gflops"])
+    # a loose bound: measured 12x on an idle machine, 2.7x with 7 jobs sharing its 2 cores
+    assert fast["gflops"] > 1.5 * slow["gflops"], (fast["gflops"], slow["gflops"])
     for r_slow, r_fast in zip(slow["c"], fast["c"], strict=True):
         assert r_fast == pytest.approx(r_slow, rel=1e-4, abs=1e-4)
     links = list((tmp_path / "cache" / "openblas").iterdir())
