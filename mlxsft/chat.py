@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from mlxsft.config import SamplingParams
 from mlxsft.errors import UserError
-from mlxsft.generate import Generation, Generator, SamplingParams
+from mlxsft.generate import Generation, Generator
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)

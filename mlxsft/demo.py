@@ -159,7 +159,7 @@ def tiny_model(data_dir: Path = DEMO_DATA, *, echo: Callable[[str], None] = prin
 
 def exact_match(generator: Any, rows: list[dict[str, Any]], *, max_tokens: int = 24) -> Score:
     """Greedy answers to each row's prompt, scored by exact match with its reference answer."""
-    from mlxsft.generate import SamplingParams
+    from mlxsft.config import SamplingParams
 
     params = SamplingParams(temp=0.0, max_tokens=max_tokens)
     hits: dict[str, list[bool]] = {}
@@ -314,8 +314,9 @@ def fuse_and_answer(
     model: str, adapter: Path, fused: Path, question: list[dict], echo: Callable[[str], None]
 ) -> tuple[str, str]:
     """Fuse `adapter` into `model` at `fused`, then answer `question` greedily with it."""
+    from mlxsft.config import SamplingParams
     from mlxsft.export.fuse import fuse_model
-    from mlxsft.generate import Generator, SamplingParams
+    from mlxsft.generate import Generator
 
     fuse_model(model, adapter, fused, echo=lambda line: echo("  " + line))
     generator = Generator.load(str(fused))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlxsft.config import SamplingParams  # noqa: F401  (re-exported: chat, demo)
+from mlxsft.config import SamplingParams
 from mlxsft.data.render import Renderer
 from mlxsft.errors import UserError
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from mlxsft.chat import ChatSession, handle_command, run_repl
-from mlxsft.generate import Generator, SamplingParams
+from mlxsft.config import SamplingParams
+from mlxsft.generate import Generator
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 PARAMS = SamplingParams(max_tokens=12)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from mlxsft.config import SamplingParams
 from mlxsft.data.encode import encode_example
 from mlxsft.data.formats import read_conversation
 from mlxsft.data.types import Example, Message
-from mlxsft.generate import Generator, SamplingParams
+from mlxsft.generate import Generator
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 MESSAGES = [
