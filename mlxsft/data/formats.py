@@ -45,9 +45,12 @@ def find_splits(path: str | Path) -> dict[str, Path]:
                 found[split] = path / f"{split}{ext}"
                 break
     if not found:
+        model = (path / "config.json").is_file()  # a model directory given as DATA
         raise UserError(
-            f"{path}: no train.jsonl, valid.jsonl or test.jsonl in this directory",
-            hint="point at a .jsonl/.json file or a directory holding train.jsonl",
+            f"{path}: no train.jsonl, valid.jsonl or test.jsonl in this directory"
+            + (" (it holds a model: config.json)" if model else ""),
+            hint=("pass models with --model; " if model else "")
+            + "point at a .jsonl/.json file or a directory holding train.jsonl",
         )
     return found
 

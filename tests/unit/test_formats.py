@@ -262,3 +262,9 @@ def test_not_json_files_are_one_error_with_a_hint(tmp_path, name, content, probl
         read_examples(path)
     assert err.value.where == str(path) and problem in err.value.problem
     assert hint in err.value.hint
+
+
+def test_a_model_directory_as_data_says_so(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"it holds a model: config.json.*pass models with --model"):
+        read_examples(tmp_path)
