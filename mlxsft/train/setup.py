@@ -100,11 +100,11 @@ def dropped_tool_rows(examples: list[Example], template: Any) -> int:
     n = 0
     for ex in examples:
         tool_text = [m.content for m in ex.messages if m.role == "tool" and m.content.strip()]
-        tool_text += [
-            str(call.get("function", call).get("name", ""))
-            for m in ex.messages
-            for call in (m.tool_calls or [])
-        ]
+        for call in (c for m in ex.messages for c in (m.tool_calls or [])):
+            function = call.get("function")
+            tool_text.append(
+                str((function if isinstance(function, dict) else call).get("name", ""))
+            )
         tool_text = [t for t in tool_text if t]
         if not tool_text:
             continue
