@@ -92,7 +92,8 @@ def default_corpus(n_sentences: int = 300, seed: int = 0) -> list[str]:
 
 def resolve_chat_template(chat_template: str | None) -> str | None:
     """A built-in template's name (`chatml`, `llama3`, ..., see data/builtin_templates) or Jinja."""
-    from mlxsft.data.templates import BUILTIN, builtin_source
+    from mlxsft.config import BUILTIN_TEMPLATES as BUILTIN
+    from mlxsft.data.templates import builtin_source
 
     if chat_template is None or "{" in chat_template:
         return chat_template
