@@ -29,6 +29,7 @@ from mlxsft.model import gguf
 
 # HF model_type -> GGUF architecture, and llama.cpp's tensor names
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHS |= {"gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3"}  # export only
 PERMUTE_QK = {"llama"}  # GGUF archs that use llama.cpp's normal (GPT-J style) RoPE
 TOP_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -48,6 +49,23 @@ LAYER_NAMES = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# where an architecture's layers differ from llama's
+ARCH_LAYER_NAMES = {
+    "gemma2": {
+        **LAYER_NAMES,
+        "post_attention_layernorm": "attn_post_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "ffn_post_norm",
+    },
+    "phi3": {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.qkv_proj": "attn_qkv",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    },
+}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 _FROM_TOP = {v: k for k, v in TOP_NAMES.items()}
@@ -58,15 +76,17 @@ _ARCHITECTURES["qwen3"] = "Qwen3ForCausalLM"
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """llama.cpp's name for an HF weight name; None for buffers llama.cpp drops."""
+def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
+    """llama.cpp's name for an HF weight name of GGUF architecture `arch`; None for buffers
+    llama.cpp drops."""
     if hf_name in TOP_NAMES:
         return TOP_NAMES[hf_name]
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
     m = _HF_LAYER.match(hf_name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"blk.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    layer_names = ARCH_LAYER_NAMES.get(arch, LAYER_NAMES)
+    if m and m.group(2) in layer_names:
+        return f"blk.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     raise ModelError(f"GGUF export: no llama.cpp name for weight {hf_name!r}")
 
 

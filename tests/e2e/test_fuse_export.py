@@ -268,18 +268,16 @@ def test_gguf_k_quants(dtype, tiny_checkpoint, tmp_path):
         assert rel < (0.12 if dtype in ("q4_k_m", "q4_0") else 0.05), t.name
 
 
-def test_gguf_rejects_unsupported_arch(tiny_gemma, tmp_path):
-    args = [
-        "export",
-        "--model",
-        str(tiny_gemma),
-        "--format",
-        "gguf",
-        "--output",
-        str(tmp_path / "g.gguf"),
-    ]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "GGUF export supports model_type" in result.output
+def test_gguf_rejects_unsupported_arch():
+    from mlxsft.export.gguf_model import model_metadata
+
+    config = {"model_type": "mamba", "hidden_size": 8, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match="GGUF export supports model_type"):
+        model_metadata(config, "m", "f16")
+    gemma2 = {"model_type": "gemma2", "hidden_size": 64, "num_attention_heads": 4}
+    gemma2 |= {"num_hidden_layers": 2, "intermediate_size": 8, "query_pre_attn_scalar": 99}
+    with pytest.raises(ValueError, match="query_pre_attn_scalar 99"):
+        model_metadata(gemma2, "m", "f16")
 
 
 def test_export_peft_cli(llama_adapter, tmp_path):
