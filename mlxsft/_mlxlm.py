@@ -245,7 +245,8 @@ def output_head(model: nn.Module) -> tuple[nn.Module, bool, float | None]:
 def vocab_size(model: nn.Module) -> int:
     """Rows of the output head (the vocabulary the logits cover)."""
     module, _, _ = output_head(model)
-    return int(module.weight.shape[0])
+    rows = getattr(module, "n_rows", None)  # a token-row wrapper (model/token_rows.py)
+    return int(rows) if rows is not None else int(module.weight.shape[0])
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
@@ -367,3 +368,36 @@ def trim_cache_to(cache: list[Any], n_tokens: int) -> bool:
         if n > n_tokens:
             c.trim(n - n_tokens)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The input embedding and the output head (trainable token rows, model/token_rows.py).
+# ---------------------------------------------------------------------------------------------
+
+# Parameter paths of the two matrices in mlx-lm models ("embedding" also serves as a tied head).
+EMBEDDING_PATH = "model.embed_tokens"
+HEAD_PATH = "lm_head"
+
+
+def input_embedding(model: nn.Module) -> nn.Module:
+    """The token embedding (nn.Embedding / QuantizedEmbedding, or a wrapper put there)."""
+    inner = getattr(model, "model", None)
+    if inner is None or "embed_tokens" not in inner:
+        from mlxsft.errors import ModelError
+
+        raise ModelError(f"{type(model).__name__} has no token embedding mlxsft knows of")
+    return inner.embed_tokens
+
+
+def untied_head(model: nn.Module) -> nn.Module | None:
+    """The untied LM head, or None when the head is the embedding (tied)."""
+    return model.lm_head if "lm_head" in model else None
+
+
+def set_input_embedding(model: nn.Module, module: nn.Module) -> None:
+    input_embedding(model)  # checks it exists
+    model.model.embed_tokens = module
+
+
+def set_output_head(model: nn.Module, module: nn.Module) -> None:
+    model.lm_head = module

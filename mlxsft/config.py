@@ -83,6 +83,12 @@ class TrainConfig:
     num_layers: int = -1  # adapt the last N transformer blocks; -1 = all
     quantize: int | None = None  # quantize the base on load (QLoRA): 4 or 8
     adapter: str | None = None  # start from an existing adapter dir
+    # embedding / LM-head rows trained as dense deltas: none, auto (special tokens of the data
+    # whose rows look untrained), or a comma list of tokens / ids (train/tokens.py)
+    train_tokens: str = "none"
+    # a base model without a chat template: add ChatML's <|im_start|>/<|im_end|> as special tokens,
+    # grow the embedding/head (new rows = mean row), train those rows, template chatml
+    add_chat_tokens: bool = False
     # optimisation
     batch_size: int = 4  # rows per optimizer step (across all ranks and micro-batches)
     grad_accum: int = 1
@@ -103,6 +109,11 @@ class TrainConfig:
     eval_every: int = 200  # steps; 0 = only at the end
     save_every: int = 100  # steps; 0 = only at the end
     steps_per_report: int = 10
+    # generation-based evaluation (train/gen_eval.py): at every evaluation, greedy replies to
+    # held-out prompts (a data FILE, or "valid" for the validation rows) scored against references
+    eval_prompts: str | None = None
+    eval_num_prompts: int = 16
+    eval_max_tokens: int = 64
     resume: str | None = None  # "auto" or a checkpoint directory
     report_to: str | None = None  # also log metrics to: tensorboard, wandb (comma list)
 
@@ -119,7 +130,10 @@ class TrainConfig:
         for name in (self.report_to or "").split(","):
             if name.strip() not in ("", "none"):
                 _choice("report_to", name.strip(), REPORT_TO)
-        for key in ("rank", "batch_size", "grad_accum", "steps_per_report"):
+        for key in (
+            "rank", "batch_size", "grad_accum", "steps_per_report", "eval_num_prompts",
+            "eval_max_tokens",
+        ):  # fmt: skip
             _at_least(key, getattr(self, key), 1)
         _at_least("max_seq_len", self.max_seq_len, 2)
         for key in ("eval_every", "save_every", "seed", "weight_decay", "warmup"):

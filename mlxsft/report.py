@@ -2,7 +2,9 @@
 
 `metrics.jsonl` (written by `mlxsft.train.loop`) holds one JSON object per line:
   {"type": "train", "step", "epoch", "loss", "lr", "trained_tokens", "tokens_per_sec",
-   "peak_memory_gb", "elapsed_s"}  and  {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens"}.
+   "peak_memory_gb", "elapsed_s"}  and  {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens"}
+and, with `train --eval-prompts`, {"type": "gen_eval", "step", "exact_match", "contains_match",
+"stop_rate", "n_prompts", "mean_reply_tokens"} (drawn as two more panels).
 The terminal chart is pure Python, so `train` can print it at the end of every run; the PNG needs
 the optional `plot` extra (`pip install 'mlxsft[plot]'`).
 """
@@ -23,6 +25,11 @@ PANELS: tuple[tuple[str, str, str], ...] = (
     ("val loss", "eval", "val_loss"),
     ("learning rate", "train", "lr"),
     ("tokens/s", "train", "tokens_per_sec"),
+)
+# Drawn when the run has generation-eval records (train --eval-prompts): rates in [0, 1].
+GEN_PANELS: tuple[tuple[str, str, str], ...] = (
+    ("replies stopped", "gen_eval", "stop_rate"),
+    ("exact match", "gen_eval", "exact_match"),
 )
 LOG_PANELS = ("train loss", "val loss")  # log scale when positive and spanning > LOG_RATIO
 LOG_RATIO = 20.0
@@ -137,7 +144,8 @@ def render_terminal_chart(
         return "no metrics recorded yet"
     lo, hi = min(steps), max(steps)
     lines = [_summary(metrics)]
-    for title, kind, key in PANELS:
+    gen = [p for p in GEN_PANELS if series(metrics, p[1], p[2])]
+    for title, kind, key in PANELS + tuple(gen):
         lines += _panel(title, series(metrics, kind, key), lo, hi, width, height)
     axis_label = f"step {int(lo)}"
     end_label = f"{int(hi)}"
@@ -205,6 +213,16 @@ def render_png(
         if min(ys) > 0 and max(ys) / min(ys) > LOG_RATIO:
             axes[1].set_yscale("log")
     axes[1].set_title("validation perplexity")
+    gen = [(title, series(metrics, kind, key)) for title, kind, key in GEN_PANELS]
+    if any(points for _, points in gen):
+        rates = axes[1].twinx()
+        for title, points in gen:
+            if points:
+                xs, ys = zip(*points, strict=True)
+                rates.plot(xs, ys, marker="s", markersize=3, linestyle="--", label=title)
+        rates.set_ylim(-0.05, 1.05)
+        rates.legend(loc="upper right")
+        axes[1].set_title("validation perplexity; generation eval (dashed)")
     axes[2].set_title("learning rate")
     axes[3].set_title("tokens/s")
     for ax in axes:

@@ -54,6 +54,17 @@ def _data_options(f):
 )
 @opt.quantize("Quantize the base on load (QLoRA).")
 @click.option("--adapter", "-a", help="Start from an existing adapter directory.")
+@click.option(
+    "--train-tokens",
+    help="Embedding/LM-head rows to train: auto (untrained special tokens of the data), none, "
+    "or tokens like '</s>,<|im_end|>'." + _d("train_tokens"),
+)
+@click.option(
+    "--add-chat-tokens/--no-add-chat-tokens",
+    default=None,
+    help="Base model without a chat template: add ChatML's <|im_start|>/<|im_end|> tokens, train "
+    "their rows, use the chatml template; the tokenizer is saved with the adapter.",
+)
 @click.option("--grad-accum", type=int, help="Micro-batches per step." + _d("grad_accum"))
 @click.option("--learning-rate", "--lr", "learning_rate", type=float, help=_d("learning_rate"))
 @click.option("--optimizer", type=click.Choice(C.OPTIMIZERS), help=_d("optimizer"))
@@ -78,6 +89,19 @@ def _data_options(f):
     "--save-every", type=int, help="Save every N steps, 0: at the end." + _d("save_every")
 )
 @click.option("--steps-per-report", type=int, help="Report every N steps." + _d("steps_per_report"))
+@click.option(
+    "--eval-prompts",
+    help="At every evaluation, greedy-generate for held-out prompts (a data FILE, or `valid`) and "
+    "report exact/contains match and the share of replies that stop.",
+)
+@click.option(
+    "--eval-num-prompts", type=int, help="Prompts per evaluation." + _d("eval_num_prompts")
+)
+@click.option(
+    "--eval-max-tokens",
+    type=int,
+    help="Reply length limit (no stop = not stopped)." + _d("eval_max_tokens"),
+)
 @click.option("--resume", help="auto (newest checkpoint in --output) or a checkpoint dir.")
 @click.option(
     "--report-to",

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from mlxsft.config import TRAIN_ON
-from mlxsft.data.templates import ChatTemplate, TemplateRenderError
+from mlxsft.data.generation_tag import has_generation_tags
+from mlxsft.data.templates import ChatTemplate, TemplateRenderError, render_marked
 from mlxsft.data.types import Dropped, Encoded, Example, Message
 from mlxsft.errors import UserError
 
@@ -81,6 +82,7 @@ class _Rendered:
         self.prepend_bos = prepend_bos
         self.turns: dict[int, tuple[Span, bool]] = {}
         self.not_prefix_stable = False
+        self.generation_disagrees = False
 
 
 def _raw_render(example: Example, tokenizer: Any) -> _Rendered:
@@ -182,6 +184,9 @@ def _template_render(
     where, tools = example.source, example.tools
     full = template.render(msgs, tools=tools, where=where)  # raises TemplateRenderError
     r = _Rendered(full, prepend_bos=template.builtin)
+    marked = _generation_spans(example, template, msgs, full, where)
+    if marked is not None and len(marked) != sum(m.role == "assistant" for m in example.messages):
+        r.generation_disagrees, marked = True, None  # tags not one per assistant turn: ignored
     cursor = 0
     for i, m in enumerate(example.messages):
         if i not in located:
@@ -189,6 +194,12 @@ def _template_render(
             cursor = at + len(m.content) if at >= 0 else cursor
             continue
         found = _turn_span(template, msgs, i, full, markers, where, tools)
+        if marked is not None:  # the template says where the reply is; cross-check
+            span = marked[i]
+            r.generation_disagrees |= found is None or found[0] != span
+            same = found is not None and found[0] == span
+            eot = found[1] if same else any(full[: span[1]].endswith(mk) for mk in markers)
+            found = (span, eot)
         if found is None:
             header = _generation_header(template, msgs, i, tools, where)
             found = _search_span(full, msgs[i]["content"], cursor, markers, header)
@@ -199,6 +210,20 @@ def _template_render(
         r.turns[i] = found
         cursor = max(cursor, found[0][1])
     return r
+
+
+def _generation_spans(
+    example: Example, template: ChatTemplate, msgs: list[dict[str, Any]], full: str, where: str
+) -> dict[int, Span] | None:
+    """{assistant message index: span} from the template's `{% generation %}` tags, None when
+    the template has none; [] (a mismatch) when the marked render is not the plain one."""
+    if not has_generation_tags(template.source):
+        return None
+    text, spans = render_marked(template, msgs, tools=example.tools, where=where)
+    assistant = [i for i, m in enumerate(example.messages) if m.role == "assistant"]
+    if text != full or len(spans) != len(assistant):
+        return {}
+    return dict(zip(assistant, spans, strict=True))
 
 
 def _overlaps(s: int, e: int, spans: list[Span]) -> bool:
@@ -286,7 +311,15 @@ class Renderer:
         if not mask.any():
             return Dropped(example.source, "fully masked", detail="no trained tokens")
         ids_arr = np.asarray(ids, dtype=np.int32)
-        return Encoded(ids_arr, mask, example.source, False, missing_eot, r.not_prefix_stable)
+        return Encoded(
+            ids_arr,
+            mask,
+            example.source,
+            False,
+            missing_eot,
+            r.not_prefix_stable,
+            getattr(r, "generation_disagrees", False),
+        )
 
     # -- inference -------------------------------------------------------------------------------
     def prompt_ids(

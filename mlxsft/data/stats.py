@@ -32,6 +32,7 @@ class DatasetStats:
     n_fully_masked: int = 0
     n_missing_eot: int = 0
     n_not_prefix_stable: int = 0
+    n_generation_disagrees: int = 0  # {% generation %} spans differ from the offsets method
     examples_missing_eot: list[str] = field(default_factory=list)
     examples_not_prefix_stable: list[str] = field(default_factory=list)
     examples_dropped: list[str] = field(default_factory=list)  # "source: reason"
@@ -88,6 +89,7 @@ def compute_stats(encoded: list[Encoded], dropped: list[Dropped], batch_size: in
         n_fully_masked=reasons.get("fully masked", 0),
         n_missing_eot=sum(e.missing_eot for e in encoded),
         n_not_prefix_stable=sum(e.not_prefix_stable for e in encoded),
+        n_generation_disagrees=sum(e.generation_disagrees for e in encoded),
         examples_missing_eot=[e.source for e in encoded if e.missing_eot][:MAX_LISTED],
         examples_not_prefix_stable=[e.source for e in encoded if e.not_prefix_stable][:MAX_LISTED],
         examples_dropped=[f"{d.source}: {d.reason}" for d in dropped][:MAX_LISTED],
@@ -108,6 +110,7 @@ def format_stats(s: DatasetStats) -> str:
         f"fully masked    {s.n_fully_masked}",
         f"missing end-of-turn  {s.n_missing_eot}",
         f"not prefix-stable    {s.n_not_prefix_stable}",
+        f"generation tags disagree  {s.n_generation_disagrees}",
         f"padding waste at batch size {s.batch_size}: "
         f"{100 * s.padding_waste_naive:.1f}% in file order, "
         f"{100 * s.padding_waste_sorted:.1f}% with sorted-length buckets",

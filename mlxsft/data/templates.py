@@ -55,8 +55,10 @@ def _compile(source: str):
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    from mlxsft.data.generation_tag import GenerationExtension
+
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationExtension]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -118,6 +120,20 @@ class ChatTemplate:
                 where=where,
                 hint="the template may not support this conversation shape; try another --template",
             ) from None
+
+
+def render_marked(
+    template: ChatTemplate,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    where: str | None = None,
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render with `{% generation %}` bodies marked -> (text, their character spans)."""
+    from mlxsft.data.generation_tag import MARK_VARIABLE, strip_marks
+
+    marked = template.render(messages, tools=tools, where=where, **{MARK_VARIABLE: True})
+    return strip_marks(marked)
 
 
 def builtin_source(name: str) -> str:

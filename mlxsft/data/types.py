@@ -49,6 +49,8 @@ class Encoded:
     truncated: bool = False
     missing_eot: bool = False  # some trained turn had no end-of-turn marker
     not_prefix_stable: bool = False  # template re-renders earlier turns once later ones exist
+    # the template's {% generation %} spans (used) differ from the spans found by rendering prefixes
+    generation_disagrees: bool = False
 
     def __post_init__(self) -> None:
         assert self.input_ids.shape == self.loss_mask.shape, (

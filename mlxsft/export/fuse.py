@@ -247,6 +247,13 @@ def export_gguf(
     output = Path(output)
     if output.suffix != ".gguf":
         raise UserError("the GGUF output must be a file name ending in .gguf", where=str(output))
+    if adapter is not None and (Path(adapter) / "tokenizer.json").is_file():
+        raise UserError(
+            "this adapter added tokens to the vocabulary (--add-chat-tokens); the GGUF writer "
+            "reads the base model's vocabulary",
+            where=str(adapter),
+            hint="fuse first (mlxsft fuse --output DIR), then export --model DIR --format gguf",
+        )
     loaded = load_with_adapter(model, adapter)
     net = loaded.model
     lora.fuse_adapters(net, dequantize=True)

@@ -217,6 +217,8 @@ def save_hf_model(
     save_weights(out, weights, quantized="quantization" in config, max_bytes=max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_tokenizer(source, out)
+    if adapter_dir is not None and (Path(adapter_dir) / "tokenizer.json").is_file():
+        copy_tokenizer(Path(adapter_dir), out)  # tokens added in training (--add-chat-tokens)
     gen = _generation_config(source, config)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     card = model_card(base_model or source.name, adapter_dir, fidelity, config)

@@ -14,6 +14,8 @@ from mlxsft.model.peft import (
     LAYER_RE,
     MLX_TO_PEFT,
     PEFT_PREFIX,
+    PEFT_TOKEN_MODULES,
+    TOKEN_KEYS,
     load_tensors,
     read_adapter_json,
     save_tensors,
@@ -46,8 +48,17 @@ def convert_mlx_to_peft(
     weights: dict[str, np.ndarray] = {}
     modules: set[str] = set()
     layers: set[int] = set()
-    for name, w in load_tensors(d / "adapters.safetensors").items():
+    base_model = base_model or cfg.get("model") or _run_model(d)
+    tensors = load_tensors(d / "adapters.safetensors")
+    if (d / "token_rows.safetensors").is_file():
+        tensors.update(load_tensors(d / "token_rows.safetensors"))
+    tokens = cfg.get("trainable_tokens")
+    if tokens:
+        weights.update(_token_values(tensors, tokens, base_model, d))
+    for name, w in tensors.items():
         module, leaf = name.rsplit(".", 1)
+        if leaf == "delta":
+            continue
         if leaf not in MLX_TO_PEFT:
             raise UserError(f"cannot export adapter tensor {name!r} to PEFT", where=str(d))
         if ".embed_tokens" in module or w.ndim > 2:
@@ -61,7 +72,7 @@ def convert_mlx_to_peft(
     peft_cfg: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or cfg.get("model") or _run_model(d),
+        "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": float(params.get("alpha", scale * rank)),
         "lora_dropout": float(params.get("dropout", 0.0)),
@@ -75,7 +86,41 @@ def convert_mlx_to_peft(
         "modules_to_save": None,
         "inference_mode": True,
     }
+    if tokens:
+        idx = list(tokens["indices"])
+        names = [PEFT_TOKEN_MODULES[m] for m in tokens.get("modules", ["embedding"])]
+        peft_cfg["trainable_token_indices"] = (
+            {name: idx for name in names} if len(names) > 1 else idx
+        )
     return weights, peft_cfg
+
+
+def _token_values(
+    tensors: dict[str, np.ndarray], tokens: dict[str, Any], base_model: str | None, d: Path
+) -> dict[str, np.ndarray]:
+    """PEFT tensors for mlxsft token-row deltas: base rows + delta (PEFT stores the new rows, so
+    this needs the base model)."""
+    if not base_model:
+        raise UserError(
+            "the adapter trains token rows; PEFT stores the rows themselves, so exporting needs "
+            "the base model",
+            where=str(d),
+            hint="pass --model BASE",
+        )
+    import mlx.core as mx
+
+    from mlxsft.model.loading import load
+    from mlxsft.model.token_rows import EMBEDDING, HEAD, base_rows, delta_key, resize_vocab
+
+    model = load(base_model, lazy=True).model
+    resize_vocab(model, int(tokens.get("vocab_size", 0)))  # --add-chat-tokens: mean rows
+    out = {}
+    for module in (EMBEDDING, HEAD):
+        key = delta_key(module)
+        if key in tensors:
+            rows = base_rows(model, module, tokens["indices"]) + mx.array(tensors[key])
+            out[PEFT_PREFIX + TOKEN_KEYS[key]] = np.array(rows.astype(mx.float32))
+    return out
 
 
 def export_peft(
@@ -87,4 +132,8 @@ def export_peft(
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "adapter_model.safetensors", weights, {"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=2))
+    if (Path(adapter_dir) / "tokenizer.json").is_file():  # added tokens: ship the tokenizer
+        from mlxsft.export.hf import copy_tokenizer
+
+        copy_tokenizer(Path(adapter_dir), out)
     return out

@@ -274,10 +274,23 @@ def load(
                 hint="drop --quantize (QLoRA is used automatically for quantized checkpoints)",
             )
         mlx_model, config = _mlxlm.quantize(mlx_model, config, quantize)
+    tokenizer_dir = path
     if adapter is not None:
         mlx_model = _load_adapter(mlx_model, Path(adapter))
-    tokenizer = _load_tokenizer(path)
+        if (Path(adapter) / "tokenizer.json").is_file():  # trained with added tokens
+            tokenizer_dir = Path(adapter)
+            config = {**config, "vocab_size": _vocab_rows(Path(adapter), config)}
+    tokenizer = _load_tokenizer(tokenizer_dir)
     return Loaded(model=mlx_model, tokenizer=tokenizer, config=config, path=path)
+
+
+def _vocab_rows(adapter: Path, config: dict) -> int:
+    """The embedding rows an adapter with added tokens grew the model to (adapter_config.json)."""
+    try:
+        entry = json.loads((adapter / "adapter_config.json").read_text()).get("trainable_tokens")
+    except (OSError, json.JSONDecodeError):
+        entry = None
+    return int((entry or {}).get("vocab_size") or config.get("vocab_size", 0))
 
 
 def _load_adapter(model: Any, adapter: Path) -> Any:

@@ -28,6 +28,7 @@ from mlxsft.errors import ModelError, UserError
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DEFAULT_TARGETS = "all-linear"
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+TOKEN_ROWS_FILE = "token_rows.safetensors"
 
 
 def _dims(linear: nn.Module) -> tuple[int, int]:
@@ -105,8 +106,9 @@ class DoRALinear(LoRALinear):
 
 
 def _is_adapter(module: nn.Module) -> bool:
-    """Ours or mlx-lm's LoRA/DoRA layers (same names, same `fuse(dequantize)`)."""
-    return "lora_a" in module and callable(getattr(module, "fuse", None))
+    """Ours or mlx-lm's LoRA/DoRA layers (same names, same `fuse(dequantize)`), or trainable
+    token rows (model/token_rows.py)."""
+    return ("lora_a" in module or "delta" in module) and callable(getattr(module, "fuse", None))
 
 
 def _new_linear(base: nn.Module, weight: mx.array, dequantize: bool) -> nn.Module:
@@ -220,18 +222,41 @@ def apply_adapters(
     return config
 
 
+def is_token_row_key(name: str) -> bool:
+    """Trainable token-row deltas (model/token_rows.py), kept out of adapters.safetensors."""
+    return name.rsplit(".", 1)[-1] == "delta"
+
+
 def save_adapters(model: nn.Module, out_dir: str | Path, adapter_config: dict[str, Any]) -> Path:
-    """Write adapters.safetensors (trainable parameters) + adapter_config.json, atomically."""
+    """Write adapters.safetensors (trainable parameters) + adapter_config.json, atomically.
+
+    Token-row deltas go to TOKEN_ROWS_FILE beside it: mlx-lm's loader rejects unknown tensors
+    in adapters.safetensors, and this way it still loads the LoRA part.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = out / ".adapters.tmp.safetensors"
-    mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-    os.replace(tmp, out / "adapters.safetensors")
+    rows = {k: weights.pop(k) for k in list(weights) if is_token_row_key(k)}
+    for name, part in (("adapters.safetensors", weights), (TOKEN_ROWS_FILE, rows)):
+        if not part and name == TOKEN_ROWS_FILE:
+            (out / name).unlink(missing_ok=True)  # a stale file of an earlier run
+            continue
+        tmp = out / f".{name}.tmp.safetensors"
+        mx.save_safetensors(str(tmp), part, metadata={"format": "mlx"})
+        os.replace(tmp, out / name)
     tmp_cfg = out / ".adapter_config.tmp.json"
     tmp_cfg.write_text(json.dumps(adapter_config, indent=2) + "\n")
     os.replace(tmp_cfg, out / "adapter_config.json")
     return out
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, mx.array]:
+    """adapters.safetensors plus the token-row deltas (TOKEN_ROWS_FILE) when there are any."""
+    d = Path(adapter_dir)
+    weights = mx.load(str(d / "adapters.safetensors"))
+    if (d / TOKEN_ROWS_FILE).is_file():
+        weights.update(mx.load(str(d / TOKEN_ROWS_FILE)))
+    return weights
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
@@ -256,10 +281,18 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         target_modules=params.get("keys") or DEFAULT_TARGETS,
         num_layers=int(config.get("num_layers", -1)),
     )
+    tokens = config.get("trainable_tokens")
+    if tokens:
+        from mlxsft.model import token_rows
+
+        token_rows.resize_vocab(model, int(tokens.get("vocab_size", 0)))  # --add-chat-tokens
+        token_rows.apply_token_rows(model, tokens["indices"], tokens.get("modules"))
     weights_path = Path(adapter_dir) / "adapters.safetensors"
     if not weights_path.is_file():
         raise ModelError(f"no adapters.safetensors in {adapter_dir}")
-    weights = mx.load(str(weights_path))
+    weights = read_adapter_weights(adapter_dir)
+    if tokens:
+        weights = token_rows.values_to_deltas(model, weights, tokens)
     expected = dict(tree_flatten(model.trainable_parameters()))
     bad = [k for k, v in weights.items() if k not in expected or v.shape != expected[k].shape]
     if bad:

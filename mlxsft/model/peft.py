@@ -24,6 +24,18 @@ from mlxsft.errors import UserError
 PEFT_PREFIX = "base_model.model."
 MLX_TO_PEFT = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "m": "lora_magnitude_vector"}
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# mlxsft token-row deltas -> PEFT `trainable_token_indices` tensors; PEFT keeps the new rows
+# themselves (values), mlxsft their difference to the base (model/token_rows.py).
+TOKEN_KEYS = {
+    "model.embed_tokens.delta": "model.embed_tokens.token_adapter.trainable_tokens_delta",
+    "lm_head.delta": "lm_head.token_adapter.trainable_tokens_delta",
+}
+_TOKEN_SUFFIX = ".token_adapter.trainable_tokens_delta"
+# mlxsft "trainable_tokens" module names -> PEFT's (the last part of the module path)
+PEFT_TOKEN_MODULES = {
+    ours: peft_key.removesuffix(_TOKEN_SUFFIX).rsplit(".", 1)[-1]
+    for ours, peft_key in zip(("embedding", "head"), TOKEN_KEYS.values(), strict=True)
+}
 
 
 def is_peft_adapter(adapter_dir: str | Path) -> bool:
@@ -88,6 +100,8 @@ def convert_peft_to_mlx(
             f"only PEFT LORA adapters are supported, not {cfg.get('peft_type')!r}", where=str(d)
         )
     for key, ok in (("use_rslora", False), ("bias", "none"), ("modules_to_save", None)):
+        if key == "modules_to_save" and cfg.get("trainable_token_indices") is not None:
+            continue  # PEFT may list the wrapped embedding there too
         if cfg.get(key, ok) not in (ok, [], False):
             raise UserError(f"PEFT option {key}={cfg[key]!r} is not supported", where=str(d))
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -96,10 +110,14 @@ def convert_peft_to_mlx(
     weights: dict[str, np.ndarray] = {}
     keys: set[str] = set()
     to_mlx = {v: k for k, v in MLX_TO_PEFT.items()}
+    from_token_keys = {v: k for k, v in TOKEN_KEYS.items()}
     for name, w in load_tensors(d / "adapter_model.safetensors").items():
         if not name.startswith(PEFT_PREFIX):
             raise UserError(f"unexpected PEFT tensor name {name!r}", where=str(d))
         name = name[len(PEFT_PREFIX) :].replace(".default.", ".")
+        if name in from_token_keys:  # new rows (values), turned into deltas when loaded
+            weights[from_token_keys[name]] = w
+            continue
         if name.endswith(".lora_magnitude_vector.weight"):  # older PEFT checkpoints
             name = name[: -len(".weight")]
         leaf = next((p for p in to_mlx if name.endswith("." + p)), None)
@@ -119,7 +137,29 @@ def convert_peft_to_mlx(
         },
         "model": cfg.get("base_model_name_or_path"),
     }
+    indices = cfg.get("trainable_token_indices")
+    if indices is not None:
+        mlx_cfg["trainable_tokens"] = _token_entry(indices, d)
     return weights, mlx_cfg
+
+
+def _token_entry(indices: list[int] | dict[str, list[int]], d: Path) -> dict[str, Any]:
+    """PEFT `trainable_token_indices` (a list for the embedding, or {module: list}) -> the
+    "trainable_tokens" entry of an mlxsft adapter_config (rows stored as values)."""
+    names = ["embedding"]
+    if isinstance(indices, dict):
+        to_ours = {v: k for k, v in PEFT_TOKEN_MODULES.items()}
+        ours = {to_ours.get(k.rsplit(".", 1)[-1]) for k in indices}
+        lists = {tuple(v) for v in indices.values()}
+        if None in ours or "embedding" not in ours or len(lists) != 1:
+            raise UserError(
+                f"trainable_token_indices {indices} is not supported: the same rows of "
+                f"{' and '.join(PEFT_TOKEN_MODULES.values())} only",
+                where=str(d),
+            )
+        names += ["head"] if "head" in ours else []
+        indices = list(lists.pop())
+    return {"indices": [int(i) for i in indices], "modules": names, "form": "values"}
 
 
 def import_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -127,7 +167,10 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     weights, cfg = convert_peft_to_mlx(adapter_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rows = {k: weights.pop(k) for k in list(weights) if k in TOKEN_KEYS}
     save_tensors(out / "adapters.safetensors", weights, {"format": "mlx"})
+    if rows:
+        save_tensors(out / "token_rows.safetensors", rows, {"format": "mlx"})
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return out
 

@@ -135,7 +135,9 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: optim.Optimiz
     compiled function that captured `optimizer.state` sees it too.
     """
     path = Path(path)
-    weights = mx.load(str(path / "adapters.safetensors"))
+    from mlxsft.model.lora import read_adapter_weights
+
+    weights = read_adapter_weights(path)
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise UserError(

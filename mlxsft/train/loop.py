@@ -178,6 +178,8 @@ class _Run:
         if self.world.is_main:  # the template it resolved to, not "auto"
             save_config(replace(cfg, template=_template_spec(self.prep.template, cfg.template)),
                         self.out / "config.yaml")  # fmt: skip
+            if self.prep.tokenizer_changed:  # --add-chat-tokens: loaders take it from here
+                self.prep.tokenizer.save_pretrained(str(self.out))
         for note in self.prep.notes:
             log(note)
         if self.loss != cfg.loss:
@@ -224,6 +226,18 @@ class _Run:
         return path
 
     def run_eval(self) -> None:
+        if self.prep.valid:
+            self.run_loss_eval()
+        if self.prep.eval_prompts:
+            from mlxsft.train.gen_eval import generation_eval
+
+            cfg, step = self.cfg, self.state.step
+            result = generation_eval(
+                self.model, self.prep.renderer, self.prep.eval_prompts, cfg.eval_max_tokens
+            )
+            self.progress.record(result.record(step), result.lines(step))
+
+    def run_loss_eval(self) -> None:
         cfg, state = self.cfg, self.state
         loss, n = evaluate(
             self.eval_fn,
@@ -295,7 +309,8 @@ class _Run:
     def run(self) -> TrainResult:
         from mlxsft.model.lora import save_adapters
 
-        cfg, state, valid = self.cfg, self.state, bool(self.prep.valid)
+        cfg, state = self.cfg, self.state
+        valid = bool(self.prep.valid) or bool(self.prep.eval_prompts)
         self._announce()
         with _StopFlag() as stop:
             if state.step == 0 and valid and cfg.eval_every:

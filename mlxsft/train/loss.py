@@ -157,6 +157,9 @@ def _head(model: nn.Module) -> tuple[Callable[..., mx.array], list[mx.array], fl
     if not _mlxlm.supports_mask(model):
         raise ValueError(f"model_type {_mlxlm.model_type(model)!r} is not known to mlxsft")
     module, tied, cap = _mlxlm.output_head(model)
+    if callable(getattr(module, "head_parts", None)):  # trainable token rows (model/token_rows.py)
+        fn, ws, vocab = module.head_parts()
+        return fn, ws, cap, vocab
     vocab = int(module.weight.shape[0])  # (V, D), or (V, D * bits / 32) quantized
     if type(module) in (nn.Linear, nn.Embedding) and "bias" not in module:
         return (lambda h, w: h @ w.T), [module.weight], cap, vocab  # (N, D) @ (D, V)

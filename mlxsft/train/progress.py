@@ -5,6 +5,7 @@ metrics.jsonl records (keys are a contract with `mlxsft report`):
   {"type": "train", "step", "epoch", "loss", "lr", "trained_tokens", "tokens_per_sec",
    "peak_memory_gb", "elapsed_s", "grad_norm"}
   {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens"}
+  {"type": "gen_eval", "step", "exact_match", ...}   (train/gen_eval.py, with --eval-prompts)
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ class Progress:
         )
         mark = "  (best)" if best else ""
         self.log(f"step {step}: val loss {val_loss:.4f}  ppl {ppl:.2f}  {val_tokens} tokens{mark}")
+
+    def record(self, record: dict[str, Any], lines: list[str]) -> None:
+        """Another kind of record (e.g. the generation eval's) and its printed lines."""
+        if not self.enabled:
+            return
+        self._write(record)
+        for line in lines:
+            self.log(line)
 
     def close(self) -> None:
         if self._line_open:

@@ -6,7 +6,7 @@ Data is strict: one bad row stops the run with its `file:line` before any model 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ class Prepared:
     pack: bool
     notes: list[str]
     template: Any = None  # the resolved data.templates.ChatTemplate
+    tokenizer_changed: bool = False  # --add-chat-tokens: save the tokenizer with the adapter
+    eval_prompts: list[Any] = field(default_factory=list)  # train/gen_eval.EvalPrompt
+    renderer: Any = None  # data/render.Renderer for generation (set with eval_prompts)
 
 
 def read_split(cfg: TrainConfig, path: str, split: str) -> list[Example]:
@@ -61,6 +64,13 @@ def encode_rows(
             f"every {label} example was dropped ({reasons})",
             hint="check --template / --train-on with `mlxsft data inspect`",
         )
+    if stats.n_generation_disagrees:
+        notes_extra = (
+            f"; {stats.n_generation_disagrees} examples: the template's {{% generation %}} spans "
+            "differ from the rendered-prefix spans (the generation spans are trained)"
+        )
+    else:
+        notes_extra = ""
     dropped = ", ".join(f"{n} {reason}" for reason, n in stats.dropped.items())
     note = (
         f"{label}: {len(encoded)} examples, {stats.n_trained} trained of {stats.n_tokens} tokens"
@@ -72,6 +82,7 @@ def encode_rows(
             f"\nwarning: every {label} example is longer than --max-seq-len {cfg.max_seq_len} and "
             "was cut (prompts lose their start); raise --max-seq-len"
         )
+    note += notes_extra
     return encoded, note
 
 
@@ -152,6 +163,10 @@ def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, dict[str, Any], l
         adapter = ensure_mlx_adapter(cfg.adapter)  # a PEFT adapter dir is converted on the fly
         model = lora.load_adapters(model, adapter)
         adapter_config = lora.read_adapter_config(adapter)
+        if (Path(cfg.adapter) / "tokenizer.json").is_file():  # trained with added tokens
+            from mlxsft.model.loading import load_tokenizer
+
+            loaded.tokenizer = load_tokenizer(cfg.adapter)
         if train:
             notes.append(f"continuing adapter {cfg.adapter} (its rank and targets apply)")
     elif train:
@@ -193,8 +208,22 @@ def prepare(cfg: TrainConfig) -> Prepared:
     train_rows = read_split(cfg, cfg.data, "train")
     source = valid_source(cfg)
     valid_rows = read_split(cfg, *source) if source else []
+    prompt_rows = _eval_prompt_rows(cfg, valid_rows)
     loaded, adapter_config, notes = load_model(cfg, train=True)
     pack = use_packing(cfg, loaded.model)
+    from mlxsft.train.tokens import add_chat_tokens, setup_token_rows
+
+    added, rows = None, None
+    if cfg.add_chat_tokens:
+        if cfg.template not in ("auto", "chatml"):
+            raise UserError(
+                f"--add-chat-tokens adds ChatML's tokens, but the template is {cfg.template!r}",
+                hint="drop --template (chatml is used) or drop --add-chat-tokens",
+            )
+        cfg.template = "chatml"  # recorded in config.yaml, used by generate/chat
+        added, rows, note = add_chat_tokens(loaded.model, loaded.tokenizer)
+        loaded.config["vocab_size"] = rows
+        notes.append(note)
     template = resolve_template(cfg.template, loaded.tokenizer)
     notes.append(template_note(cfg.template, template, train_rows))
     train, note = encode_rows(cfg, loaded.tokenizer, train_rows, "train", template)
@@ -206,6 +235,15 @@ def prepare(cfg: TrainConfig) -> Prepared:
             f"{n_tools} train rows (the model never sees them); use a template with tool "
             "support (e.g. the model's own) or a .jinja file"
         )
+    notes += setup_token_rows(
+        cfg.train_tokens,
+        loaded.model,
+        loaded.tokenizer,
+        train,
+        adapter_config,
+        added=added,
+        vocab_size=rows,
+    )
     valid: list[Encoded] = []
     if valid_rows:
         valid, note = encode_rows(cfg, loaded.tokenizer, valid_rows, "valid", template)
@@ -215,7 +253,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
             "warning: no validation data (no valid.jsonl beside DATA, no --valid): no val loss "
             "and no best checkpoint"
         )
-    return Prepared(
+    prepared = Prepared(
         loaded.model,
         loaded.tokenizer,
         loaded.config,
@@ -225,4 +263,41 @@ def prepare(cfg: TrainConfig) -> Prepared:
         pack,
         notes,
         template,
+    )
+    prepared.tokenizer_changed = bool(cfg.add_chat_tokens)
+    if prompt_rows:
+        _add_eval_prompts(cfg, prepared, prompt_rows)
+    return prepared
+
+
+def _eval_prompt_rows(cfg: TrainConfig, valid_rows: list[Example]) -> list[Example]:
+    """Rows for --eval-prompts: its FILE, or the validation rows for `valid`."""
+    if not cfg.eval_prompts:
+        return []
+    if cfg.eval_prompts != "valid":
+        return read_split(cfg, cfg.eval_prompts, "train")
+    if not valid_rows:
+        raise UserError(
+            "--eval-prompts valid, but there is no validation data",
+            hint="pass --valid FILE (or a DATA dir with valid.jsonl), or --eval-prompts FILE",
+        )
+    return valid_rows
+
+
+def _add_eval_prompts(cfg: TrainConfig, prepared: Prepared, rows: list[Example]) -> None:
+    from mlxsft.data.render import Renderer
+    from mlxsft.train.gen_eval import prompts_from_examples
+
+    prompts = prompts_from_examples(rows, cfg.eval_num_prompts)
+    if not prompts:
+        raise DataError(
+            "--eval-prompts: no row has an assistant reply after a prompt",
+            where=str(cfg.eval_prompts),
+            hint="rows need a user turn followed by the reference assistant reply",
+        )
+    eos = prepared.config.get("eos_token_id")
+    prepared.renderer = Renderer(prepared.tokenizer, prepared.template, eos_token_id=eos)
+    prepared.eval_prompts = prompts
+    prepared.notes.append(
+        f"generation eval: {len(prompts)} prompts, greedy, up to {cfg.eval_max_tokens} tokens"
     )
