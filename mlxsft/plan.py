@@ -17,6 +17,7 @@ import platform
 import re
 from dataclasses import dataclass, field, fields, replace
 
+from mlxsft.config import TrainConfig
 from mlxsft.errors import UserError
 
 GB = 1024**3
@@ -97,15 +98,15 @@ class ModelShape:
 class RunShape:
     """The run settings that decide memory (TrainConfig's names)."""
 
-    batch_size: int = 4
-    max_seq_len: int = 2048
-    grad_accum: int = 1
-    fine_tune_type: str = "lora"
-    rank: int = 8
-    target_modules: str = "all-linear"
-    num_layers: int = -1
-    quantize: int | None = None
-    grad_checkpoint: bool = False
+    batch_size: int = TrainConfig.batch_size
+    max_seq_len: int = TrainConfig.max_seq_len
+    grad_accum: int = TrainConfig.grad_accum
+    fine_tune_type: str = TrainConfig.fine_tune_type
+    rank: int = TrainConfig.rank
+    target_modules: str = TrainConfig.target_modules
+    num_layers: int = TrainConfig.num_layers
+    quantize: int | None = TrainConfig.quantize
+    grad_checkpoint: bool = TrainConfig.grad_checkpoint
     selective_loss: bool = True
     trained_fraction: float = 1.0  # trained targets / positions (from the data; 1 = worst case)
     row_len: int | None = None  # padded row length when it is shorter than max_seq_len
