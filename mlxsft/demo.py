@@ -85,7 +85,7 @@ def expected_time(plan: DemoPlan, *, slow_blas: bool) -> str:
         return "time depends on the model's size"
     text = (
         "under a minute" if plan.minutes < 1 else f"about {math.ceil(plan.minutes)} minutes"
-    ) + " on 2 CPU cores"
+    ) + " on 2 idle CPU cores"
     if slow_blas:
         text += " with OpenBLAS; ~5-10x longer on the reference BLAS this machine uses (see above)"
     return text

@@ -93,7 +93,7 @@ def test_demo_quick_learns(tmp_path: Path):
     assert proc.returncode == 0, text
     assert "tiny model: built" in text and "[[" in text  # inspected rows, trained tokens marked
     assert "demo: a full fine-tune (all weights) of a tiny 2-layer model" in text.splitlines()[0]
-    assert "under a minute on 2 CPU cores" in text.splitlines()[0]
+    assert "under a minute on 2 idle CPU cores" in text.splitlines()[0]
     m = re.search(r"val loss\s+([\d.]+)\s+->\s+([\d.]+)", text)
     before, after = float(m.group(1)), float(m.group(2))
     assert after < before / 3  # measured: 6.46 -> 1.33 after 300 steps
@@ -138,7 +138,7 @@ def test_a_real_model_always_trains_lora(quick: bool):
 
 
 def test_expected_time_is_the_measured_one():
-    assert demo.expected_time(demo.FULL, slow_blas=False) == "about 3 minutes on 2 CPU cores"
-    assert demo.expected_time(demo.QUICK, slow_blas=False) == "under a minute on 2 CPU cores"
+    assert demo.expected_time(demo.FULL, slow_blas=False) == "about 3 minutes on 2 idle CPU cores"
+    assert demo.expected_time(demo.QUICK, slow_blas=False) == "under a minute on 2 idle CPU cores"
     assert "reference BLAS" in demo.expected_time(demo.FULL, slow_blas=True)
     assert demo.expected_time(demo.HUB, slow_blas=False) == "time depends on the model's size"
