@@ -22,9 +22,13 @@ from mlxsft.errors import ModelError
 from mlxsft.export.gguf_mix import DTYPES, FILE_TYPE, tensor_types
 from mlxsft.export.gguf_vocab import pre_tokenizer_type, vocab_metadata
 from mlxsft.model import gguf
-from mlxsft.model.gguf_in import ARCHS, PERMUTE_QK, gguf_name, permute_qk  # noqa: F401
-
-NORM_PLUS_ONE = {"gemma", "gemma2"}
+from mlxsft.model.gguf_in import (  # noqa: F401
+    ARCHS,
+    NORM_PLUS_ONE,
+    PERMUTE_QK,
+    gguf_name,
+    permute_qk,
+)
 
 
 def _head_dim(config: dict) -> int:

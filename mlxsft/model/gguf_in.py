@@ -1,4 +1,5 @@
-"""A llama-family GGUF file -> an MLX model directory that the normal loader reads.
+"""A llama-family GGUF file (llama, qwen2, qwen3, gemma, gemma2, phi3) -> an MLX model directory
+that the normal loader reads.
 
 `--model file.gguf` (train, eval, generate, chat, fuse, export) goes through `model_dir(path)`: the
 file is converted once into `<temp dir>/mlxsft-gguf-<hash>/` (keyed by its path, size and mtime)
@@ -29,7 +30,8 @@ from mlxsft.model import gguf
 
 # HF model_type -> GGUF architecture, and llama.cpp's tensor names
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-ARCHS |= {"gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3"}  # export only
+ARCHS |= {"gemma": "gemma", "gemma2": "gemma2", "phi3": "phi3"}
+NORM_PLUS_ONE = {"gemma", "gemma2"}  # HF norm = x * (1 + w); llama.cpp stores 1 + w
 PERMUTE_QK = {"llama"}  # GGUF archs that use llama.cpp's normal (GPT-J style) RoPE
 TOP_NAMES = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -69,10 +71,10 @@ ARCH_LAYER_NAMES = {
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)\.(weight|bias)$")
 _FROM_TOP = {v: k for k, v in TOP_NAMES.items()}
-_FROM_LAYER = {v: k for k, v in LAYER_NAMES.items()}
 NATIVE = {gguf.GGML_Q4_0: 4, gguf.GGML_Q4_1: 4, gguf.GGML_Q8_0: 8}  # bits in MLX
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_ARCHITECTURES["qwen3"] = "Qwen3ForCausalLM"
+_ARCHITECTURES |= {"qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
+_ARCHITECTURES |= {"gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -90,13 +92,14 @@ def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
     raise ModelError(f"GGUF export: no llama.cpp name for weight {hf_name!r}")
 
 
-def hf_name(name: str) -> str:
-    """The HF weight name of a llama.cpp tensor name."""
+def hf_name(name: str, arch: str = "llama") -> str:
+    """The HF weight name of a llama.cpp tensor name of GGUF architecture `arch`."""
     if name in _FROM_TOP:
         return _FROM_TOP[name]
     m = _GGUF_LAYER.match(name)
-    if m and m.group(2) in _FROM_LAYER:
-        return f"model.layers.{m.group(1)}.{_FROM_LAYER[m.group(2)]}.{m.group(3)}"
+    from_layer = {v: k for k, v in ARCH_LAYER_NAMES.get(arch, LAYER_NAMES).items()}
+    if m and m.group(2) in from_layer:
+        return f"model.layers.{m.group(1)}.{from_layer[m.group(2)]}.{m.group(3)}"
     raise ModelError(f"GGUF tensor {name!r} has no place in a llama-family model")
 
 
@@ -120,11 +123,11 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_config(meta: dict[str, Any], tensors: dict[str, gguf.Tensor]) -> dict[str, Any]:
-    """An HF config.json dict for a llama / qwen2 / qwen3 GGUF."""
+    """An HF config.json dict for a llama / qwen2 / qwen3 / gemma / gemma2 / phi3 GGUF."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in _ARCHITECTURES:
         raise ModelError(
-            f"GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3 are)",
+            f"GGUF architecture {arch!r} is not supported ({', '.join(_ARCHITECTURES)} are)",
             hint="use the model's Hugging Face release instead",
         )
     if "rope_freqs.weight" in tensors:
@@ -158,12 +161,40 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, gguf.Tensor]) -> dict[str
         config["rope_scaling"] = {"type": "linear", "factor": float(key("rope.scaling.factor"))}
     if arch == "llama" and "blk.0.attn_q.bias" in tensors:
         config["attention_bias"] = True
+    config.update(_arch_config(arch, config, key))
     n_tokens = len(meta.get("tokenizer.ggml.tokens", ()))
     for kind in ("bos", "eos", "pad"):
         tid = meta.get(f"tokenizer.ggml.{'padding' if kind == 'pad' else kind}_token_id")
         if tid is not None and int(tid) < n_tokens:  # llama2.c's converter writes -1 for "none"
             config[f"{kind}_token_id"] = int(tid)
     return config
+
+
+def _arch_config(arch: str, config: dict[str, Any], key: Any) -> dict[str, Any]:
+    """The HF keys gemma / gemma2 / phi3 need beyond llama's."""
+    out: dict[str, Any] = {}
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if arch in NORM_PLUS_ONE:
+        out.update(hidden_act="gelu_pytorch_tanh", head_dim=head_dim, tie_word_embeddings=True)
+    if arch == "gemma2":
+        n_layer, n = (
+            config["num_hidden_layers"],
+            config["hidden_size"] // config["num_attention_heads"],
+        )
+        out["query_pre_attn_scalar"] = n if n_layer == 46 else head_dim  # as llama.cpp computes
+        out["sliding_window"] = int(key("attention.sliding_window", 4096))
+        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if key(k) is not None:
+                out[k] = float(key(k))
+    if arch == "phi3":
+        orig = key("rope.scaling.original_context_length")
+        out["original_max_position_embeddings"] = int(orig or config["max_position_embeddings"])
+        rot = key("rope.dimension_count")
+        if rot is not None and int(rot) != head_dim:
+            out["partial_rotary_factor"] = int(rot) / head_dim
+        if key("attention.sliding_window") is not None:
+            out["sliding_window"] = int(key("attention.sliding_window"))
+    return out
 
 
 # ---------------------------------------------------------------------------------- weights
@@ -203,8 +234,9 @@ def hf_weights(
     out: dict[str, np.ndarray] = {}
     quantized = False
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    arch = ARCHS[config["model_type"]]
     for name, t in tensors.items():
-        hf = hf_name(name)
+        hf = hf_name(name, arch)
         n_head = None
         if config["model_type"] == "llama" and name.split(".")[-2] in heads:
             n_head = heads[name.split(".")[-2]]
@@ -221,6 +253,8 @@ def hf_weights(
             out[hf] = fix(np.ascontiguousarray(t.data))
         else:
             out[hf] = fix(gguf.dequantize(t.raw, t.ggml_type, t.shape))
+        if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
+            out[hf] = (out[hf].astype(np.float32) - np.float32(1)).astype(out[hf].dtype)
     return out, quantized
 
 
