@@ -398,8 +398,8 @@ def model_dir(path: Path, cache_root: Path | None = None) -> Path:
     weights, quantized = hf_weights(tensors, config)
     if quantized:
         config["quantization"] = {"group_size": 32, "bits": 4}  # per layer: from the shapes
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))  # a private partial dir
     write_tokenizer(meta, tmp)
     import mlx.core as mx
 
@@ -410,5 +410,12 @@ def model_dir(path: Path, cache_root: Path | None = None) -> Path:
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     (tmp / "source.txt").write_text(f"converted by mlxsft from {path.resolve()}\n")
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same conversion first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
     return out
