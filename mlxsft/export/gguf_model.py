@@ -12,7 +12,6 @@ llama.cpp's `attn_qkv` and `ffn_up`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,41 +25,11 @@ from mlxsft.model.gguf_in import (  # noqa: F401
     ARCHS,
     NORM_PLUS_ONE,
     PERMUTE_QK,
+    _head_dim,
     gguf_name,
+    llama3_rope_factors,
     permute_qk,
 )
-
-
-def _head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-
-
-def llama3_rope_factors(config: dict) -> np.ndarray | None:
-    """`rope_freqs.weight` for Llama 3.1+ (`rope_scaling.rope_type == "llama3"`), as llama.cpp."""
-    rs = config.get("rope_scaling") or {}
-    rope_type = (rs.get("rope_type") or rs.get("type") or "").lower()
-    if rope_type in ("", "default"):
-        return None
-    if rope_type != "llama3":
-        if rope_type == "linear":
-            return None  # written as metadata
-        raise ModelError(f"GGUF export: rope_scaling type {rope_type!r} is not supported")
-    dim, base = _head_dim(config), config.get("rope_theta", 10000.0)
-    factor = rs.get("factor", 8.0)
-    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-    old_ctx = rs.get("original_max_position_embeddings", 8192)
-    low_wl, high_wl = old_ctx / low, old_ctx / high
-    out = []
-    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wl:
-            out.append(1.0)
-        elif wavelen > low_wl:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
 
 
 def model_metadata(config: dict, name: str, dtype: str) -> dict[str, Any]:

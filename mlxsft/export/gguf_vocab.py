@@ -207,7 +207,7 @@ def pre_tokenizer_type(tokenizer: Any, meta: dict[str, Any]) -> tuple[str, bool]
     """`tokenizer.ggml.pre` for a `gpt2` vocabulary chosen by how `tokenizer` (the Hugging Face
     tokenizer training used) actually splits: the first llama.cpp pre-tokenizer whose token ids
     equal the tokenizer's on `PRE_PROBES`. (name, True), or (the config-based guess, False)."""
-    from mlxsft.model.gguf_in import PRE_SPLITS, byte_level_tokenizer
+    from mlxsft.model.gguf_tokenizer import PRE_SPLITS, byte_level_tokenizer
 
     guess = meta.get("tokenizer.ggml.pre", "gpt-2")
     want = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in PRE_PROBES]

@@ -4,7 +4,8 @@ that the normal loader reads.
 `--model file.gguf` (train, eval, generate, chat, fuse, export) goes through `model_dir(path)`: the
 file is converted once into `<temp dir>/mlxsft-gguf-<hash>/` (keyed by its path, size and mtime)
 holding config.json (HF keys rebuilt from the metadata), model.safetensors (HF weight names) and
-tokenizer.json + tokenizer_config.json (rebuilt from `tokenizer.ggml.*`, with the chat template).
+tokenizer.json + tokenizer_config.json (rebuilt from `tokenizer.ggml.*` by gguf_tokenizer.py, with
+the chat template).
 
 Weights keep their exact numbers: q4_0, q4_1 and q8_0 blocks (32 values, an f16 scale and, for
 q4_1, an f16 min) become MLX affine-quantized arrays with group size 32 (scale d, bias -8d / m /
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import tempfile
@@ -27,6 +29,7 @@ import numpy as np
 
 from mlxsft.errors import ModelError
 from mlxsft.model import gguf
+from mlxsft.model.gguf_tokenizer import write_tokenizer
 
 # HF model_type -> GGUF architecture, and llama.cpp's tensor names
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -75,7 +78,6 @@ NATIVE = {gguf.GGML_Q4_0: 4, gguf.GGML_Q4_1: 4, gguf.GGML_Q8_0: 8}  # bits in ML
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _ARCHITECTURES |= {"qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM"}
 _ARCHITECTURES |= {"gemma2": "Gemma2ForCausalLM", "phi3": "Phi3ForCausalLM"}
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
 def gguf_name(hf_name: str, arch: str = "llama") -> str | None:
@@ -122,17 +124,65 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------- config
 
 
+def _head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def llama3_rope_factors(config: dict) -> np.ndarray | None:
+    """`rope_freqs.weight` for Llama 3.1+ (`rope_scaling.rope_type == "llama3"`), as llama.cpp."""
+    rs = config.get("rope_scaling") or {}
+    rope_type = (rs.get("rope_type") or rs.get("type") or "").lower()
+    if rope_type in ("", "default"):
+        return None
+    if rope_type != "llama3":
+        if rope_type == "linear":
+            return None  # written as metadata
+        raise ModelError(f"GGUF export: rope_scaling type {rope_type!r} is not supported")
+    dim, base = _head_dim(config), config.get("rope_theta", 10000.0)
+    factor = rs.get("factor", 8.0)
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_ctx = rs.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    out = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wl:
+            out.append(1.0)
+        elif wavelen > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+# Llama 3.1 (factor 8) / 3.2 (factor 32) rope scaling; a rope_freqs table is matched against these
+LLAMA3_ROPE_CANDIDATES = [
+    {"factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192}
+    for f in (8.0, 16.0, 32.0)
+]  # fmt: skip
+
+
+def llama3_rope_scaling(table: np.ndarray, config: dict) -> dict:
+    """The `rope_scaling` whose llama.cpp `rope_freqs` table is `table` (Llama 3.1+)."""
+    for cand in LLAMA3_ROPE_CANDIDATES:
+        rs = {"rope_type": "llama3", **cand}
+        factors = llama3_rope_factors({**config, "rope_scaling": rs})
+        if factors is not None and factors.shape == table.shape and np.array_equal(factors, table):
+            return rs
+    raise ModelError(
+        "GGUF rope_freqs table matches no known Llama 3 rope scaling",
+        hint="use the model's Hugging Face release instead",
+    )
+
+
 def hf_config(meta: dict[str, Any], tensors: dict[str, gguf.Tensor]) -> dict[str, Any]:
     """An HF config.json dict for a llama / qwen2 / qwen3 / gemma / gemma2 / phi3 GGUF."""
     arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise ModelError(
             f"GGUF architecture {arch!r} is not supported ({', '.join(_ARCHITECTURES)} are)",
-            hint="use the model's Hugging Face release instead",
-        )
-    if "rope_freqs.weight" in tensors:
-        raise ModelError(
-            "GGUF with a rope_freqs table (Llama 3.1+ rope scaling) is not supported yet",
             hint="use the model's Hugging Face release instead",
         )
 
@@ -159,6 +209,9 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, gguf.Tensor]) -> dict[str
         config["head_dim"] = int(key("attention.key_length"))
     if key("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(key("rope.scaling.factor"))}
+    if "rope_freqs.weight" in tensors:  # Llama 3.1+: recover rope_scaling from the table
+        table = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32)
+        config["rope_scaling"] = llama3_rope_scaling(table, config)
     if arch == "llama" and "blk.0.attn_q.bias" in tensors:
         config["attention_bias"] = True
     config.update(_arch_config(arch, config, key))
@@ -236,6 +289,8 @@ def hf_weights(
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     arch = ARCHS[config["model_type"]]
     for name, t in tensors.items():
+        if name == "rope_freqs.weight":
+            continue  # turned into config["rope_scaling"]
         hf = hf_name(name, arch)
         n_head = None
         if config["model_type"] == "llama" and name.split(".")[-2] in heads:
@@ -256,126 +311,6 @@ def hf_weights(
         if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
             out[hf] = (out[hf].astype(np.float32) - np.float32(1)).astype(out[hf].dtype)
     return out, quantized
-
-
-# -------------------------------------------------------------------------------- tokenizer
-
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-# tokenizer.ggml.pre -> the split regexes llama.cpp applies in turn (HF spelling)
-PRE_SPLITS: dict[str, list[str]] = {
-    "gpt-2": [GPT2_SPLIT],
-    "llama-bpe": [
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
-        r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ],
-    "qwen2": [
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-    ],
-    "smollm": [r"\p{N}", GPT2_SPLIT],
-}
-PRE_SPLITS["llama3"] = PRE_SPLITS["llama-bpe"]
-
-
-def byte_level_tokenizer(tokens: list[str], merges: list[str], pre: str) -> Any:
-    """A `tokenizers.Tokenizer` for a GGUF `gpt2` vocabulary with pre-tokenizer type `pre`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    if pre not in PRE_SPLITS:
-        raise ModelError(
-            f"GGUF pre-tokenizer {pre!r} is not supported ({', '.join(sorted(PRE_SPLITS))} are)",
-            hint="use the model's Hugging Face release instead",
-        )
-    vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    bpe = models.BPE(vocab, pairs, ignore_merges=pre in ("llama-bpe", "llama3"))
-    tk = Tokenizer(bpe)
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
-    tk.decoder = decoders.ByteLevel()
-    return tk
-
-
-def sentencepiece_tokenizer(tokens: list[str], scores: np.ndarray, meta: dict[str, Any]) -> Any:
-    """A `tokenizers.Tokenizer` for a GGUF `llama` (SentencePiece BPE, byte fallback) vocabulary;
-    merges are rebuilt from the scores, the merged piece's score being the merge's priority."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    vocab = {t: i for i, t in enumerate(tokens)}
-    types = meta.get("tokenizer.ggml.token_type")
-    found = []
-    for tok, i in vocab.items():
-        if types is not None and int(types[i]) != 1:
-            continue  # only normal pieces are merge results
-        for cut in range(1, len(tok)):
-            left, right = tok[:cut], tok[cut:]
-            if left in vocab and right in vocab:
-                found.append((-float(scores[i]), i, left, right))
-    merges = [(a, b) for _, _, a, b in sorted(found)]
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    unk_token = tokens[int(unk)] if unk is not None else None
-    tk = Tokenizer(
-        models.BPE(vocab, merges, unk_token=unk_token, byte_fallback=True, fuse_unk=True)
-    )
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-    norm = [normalizers.Prepend("▁")] if prefix else []
-    tk.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "▁")])
-    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tk.decoder = decoders.Sequence([*dec, *([decoders.Strip(" ", 1, 0)] if prefix else [])])
-    return tk
-
-
-def write_tokenizer(meta: dict[str, Any], out: Path) -> None:
-    """tokenizer.json + tokenizer_config.json rebuilt from `tokenizer.ggml.*` metadata."""
-    from tokenizers import AddedToken, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    if kind == "gpt2":
-        tk = byte_level_tokenizer(
-            tokens, list(meta["tokenizer.ggml.merges"]), meta.get("tokenizer.ggml.pre", "gpt-2")
-        )
-    elif kind == "llama":
-        tk = sentencepiece_tokenizer(tokens, meta["tokenizer.ggml.scores"], meta)
-    else:
-        raise ModelError(f"GGUF tokenizer model {kind!r} is not supported (gpt2, llama are)")
-    types = meta.get("tokenizer.ggml.token_type")
-    if types is not None:
-        special = [t for t, k in zip(tokens, types, strict=True) if int(k) == CONTROL]
-        user = [t for t, k in zip(tokens, types, strict=True) if int(k) == USER_DEFINED]
-        tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
-        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-
-    def tok(kind: str) -> str | None:
-        tid = meta.get(f"tokenizer.ggml.{kind}_token_id")
-        return tokens[int(tid)] if tid is not None and int(tid) < len(tokens) else None
-
-    bos = tok("bos")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
-    steps = [processors.ByteLevel(trim_offsets=False)] if kind == "gpt2" else []
-    if add_bos and bos is not None:
-        bos_id = int(meta["tokenizer.ggml.bos_token_id"])
-        template = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-        )
-        steps.append(template)
-    if steps:
-        tk.post_processor = processors.Sequence(steps)
-    tk.save(str(out / "tokenizer.json"))
-    cfg: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": add_bos,
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-    }
-    for key, kind_ in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
-        if (text := tok(kind_)) is not None:
-            cfg[f"{key}_token"] = text
-    if meta.get("tokenizer.chat_template"):
-        cfg["chat_template"] = meta["tokenizer.chat_template"]
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
 
 
 # ------------------------------------------------------------------------------- the entry

@@ -172,3 +172,30 @@ def test_pre_tokenizer_type_reports_no_match():
         return {"input_ids": [99]}  # nothing splits like this
 
     assert pre_tokenizer_type(tokenizer, meta) == ("gpt-2", False)
+
+
+def test_llama3_rope_freqs_round_trip(tiny_checkpoint, tmp_path):
+    """A Llama 3.2-style rope_scaling is written as llama.cpp's rope_freqs table and recovered
+    from it on the way in."""
+    import shutil
+
+    src = tiny_checkpoint("llama", chat_template="chatml")
+    model_dir = tmp_path / "llama3"
+    shutil.copytree(src, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config["rope_theta"] = 500000.0
+    (model_dir / "config.json").write_text(json.dumps(config))
+    path = _gguf(model_dir, tmp_path / "m.gguf", "f32")
+    _, tensors = gguf.read_gguf(path)
+    assert "rope_freqs.weight" in tensors
+    ref, got = load(str(model_dir)), load(str(path))
+    assert got.config["rope_scaling"] == config["rope_scaling"]
+    long_ids = list(range(1, 300))
+    assert np.array_equal(_logits(got.model, long_ids), _logits(ref.model, long_ids))
