@@ -2,7 +2,8 @@
 that the normal loader reads.
 
 `--model file.gguf` (train, eval, generate, chat, fuse, export) goes through `model_dir(path)`: the
-file is converted once into `<temp dir>/mlxsft-gguf-<hash>/` (keyed by its path, size and mtime)
+file is converted once into `<$MLXSFT_GGUF_CACHE or the temp dir>/mlxsft-gguf-<hash>/` (keyed by
+its path, size and mtime)
 holding config.json (HF keys rebuilt from the metadata), model.safetensors (HF weight names) and
 tokenizer.json + tokenizer_config.json (rebuilt from `tokenizer.ggml.*` by gguf_tokenizer.py, with
 the chat template).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import struct
 import tempfile
@@ -320,9 +322,8 @@ def model_dir(path: Path, cache_root: Path | None = None) -> Path:
     """The converted MLX model directory for the GGUF file `path` (converted on first use)."""
     st = path.stat()
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    out = Path(cache_root or tempfile.gettempdir()) / (
-        "mlxsft-gguf-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-    )
+    root = cache_root or os.environ.get("MLXSFT_GGUF_CACHE") or tempfile.gettempdir()
+    out = Path(root) / ("mlxsft-gguf-" + hashlib.sha256(key.encode()).hexdigest()[:16])
     if (out / "config.json").is_file():
         return out
     try:

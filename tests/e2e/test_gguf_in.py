@@ -24,6 +24,14 @@ from mlxsft.model import gguf
 from mlxsft.model.loading import load
 
 IDS = [1, 40, 41, 300, 7, 99, 12, 5, 260]
+
+
+@pytest.fixture(autouse=True)
+def _gguf_cache(tmp_path, monkeypatch):
+    """Converted GGUF model dirs go under the test's tmp dir, not the system temp dir."""
+    monkeypatch.setenv("MLXSFT_GGUF_CACHE", str(tmp_path / "gguf-cache"))
+
+
 PROBES = [" 12345 hello world", "don't stop\n\n  indented\ttab", "ünïcode <|im_start|>user hi"]
 
 
