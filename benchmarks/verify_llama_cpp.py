@@ -55,9 +55,7 @@ def mlxsft_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def check(
-    llama_cpp, path: Path, model_dir: Path, tokenizer, ids: list[int], ref: list[int], n: int
-):
+def check(llama_cpp, path: Path, tokenizer, ids: list[int], ref: list[int], n: int):
     """One exported file: (tokenization ok, leading tokens equal to mlxsft's, logit max diff)."""
     from test_gguf_forward import gguf_forward
 
