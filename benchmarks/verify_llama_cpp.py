@@ -89,7 +89,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.install:
         subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=True)
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama-cpp-python is not installed: rerun with --install (a ~50 minute build)")
+        return 2
     from click.testing import CliRunner
 
     from mlxsft.cli import main as cli
