@@ -30,8 +30,8 @@ SETTINGS = {  # task -> (train flags, --train-tokens variants)
         ["none", "auto"],
     ),
     "format": (
-        ["--iters", "60", "--batch-size", "4", "--learning-rate", "5e-4", "--max-seq-len", "96",
-         "--eval-max-tokens", "16", "--rank", "8"],
+        ["--iters", "30", "--batch-size", "4", "--learning-rate", "1e-3", "--max-seq-len", "96",
+         "--eval-max-tokens", "10", "--rank", "8"],
         ["none"],
     ),
 }  # fmt: skip
