@@ -129,7 +129,7 @@ def build(work: Path, s: Setting) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------ run
 
 
-def _run(cmd: list[str], env: dict | None = None, timeout: int = 900) -> tuple[float, str]:
+def _run(cmd: list[str], env: dict | None = None, timeout: int = 3600) -> tuple[float, str]:
     t = time.perf_counter()
     out = subprocess.run(
         cmd, capture_output=True, text=True, env=env or preload_env(), timeout=timeout
