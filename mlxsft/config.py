@@ -260,18 +260,6 @@ def resolve(cli: dict[str, Any], config_path: str | Path | None = None) -> Train
     return TrainConfig(**values).validate()
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    import os
-
-    import yaml
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling settings of `generate`, `chat` and the demo; `temp == 0` is greedy. The 1.0 / 0

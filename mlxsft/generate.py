@@ -187,13 +187,7 @@ class Generator:
 
 def trained_template(adapter: str) -> str | None:
     """The --template an adapter was trained with (its run's config.yaml), unless "auto"."""
-    from mlxsft.config import load_config
+    from mlxsft.rundir import read_config
 
-    for d in (Path(adapter), Path(adapter).parent):
-        if (d / "config.yaml").is_file():
-            try:
-                name = load_config(d / "config.yaml").get("template")
-            except (ValueError, OSError):
-                return None
-            return name if isinstance(name, str) and name != "auto" else None
-    return None
+    name = read_config(adapter).get("template")
+    return name if isinstance(name, str) and name != "auto" else None

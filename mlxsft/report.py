@@ -11,14 +11,12 @@ the optional `plot` extra (`pip install 'mlxsft[plot]'`).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from mlxsft.errors import DataError, UserError
+from mlxsft.errors import UserError
 
-METRICS_FILE = "metrics.jsonl"
 # (title, record type, key): the four panels, in order.
 PANELS: tuple[tuple[str, str, str], ...] = (
     ("train loss", "train", "loss"),
@@ -35,41 +33,6 @@ LOG_PANELS = ("train loss", "val loss")  # log scale when positive and spanning 
 LOG_RATIO = 20.0
 _BLOCKS = " ▁▂▃▄▅▆▇█"  # 0..8 eighths of a cell
 _LABEL = 9  # width of the y-axis label column
-
-
-def metrics_path(run: str | Path) -> Path:
-    """The metrics file of RUN (a run directory or the metrics.jsonl file itself)."""
-    path = Path(run)
-    if path.is_dir():
-        path = path / METRICS_FILE
-        if not path.is_file():
-            raise UserError(
-                f"{run}: no {METRICS_FILE} in this directory",
-                hint="pass the output directory of `mlxsft train` (its --output/adapter_path)",
-            )
-    elif not path.exists():
-        raise FileNotFoundError(f"{run}: no such file or directory")
-    return path
-
-
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    """All records of RUN's metrics.jsonl, in file order; a bad line raises DataError(file:line)."""
-    path = metrics_path(run)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):
-                continue  # a run still writing (or killed mid-line) leaves a partial last line
-            raise DataError(f"not valid JSON ({exc.msg})", where=f"{path}:{n}") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise DataError("expected an object with a 'step'", where=f"{path}:{n}")
-        records.append(record)
-    return records
 
 
 def series(metrics: list[dict[str, Any]], kind: str, key: str) -> list[tuple[float, float]]:

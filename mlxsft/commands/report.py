@@ -25,11 +25,12 @@ def report(run_dir: str, output: str | None, width: int, height: int) -> None:
     from pathlib import Path
 
     from mlxsft import report as rep
+    from mlxsft import rundir
 
-    metrics = rep.read_metrics(run_dir)
+    metrics = rundir.read_metrics(run_dir)
     click.echo(rep.render_terminal_chart(metrics, width=width, height=height))
     if output is None and rep.have_matplotlib():
-        output = str(rep.metrics_path(run_dir).parent / "report.png")
+        output = str(rundir.metrics_path(run_dir).parent / "report.png")
     if output is not None:
         path = rep.render_png(metrics, Path(output))
         click.echo(f"wrote {path}")

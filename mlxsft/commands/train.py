@@ -119,11 +119,13 @@ def train(config_path, **flags) -> None:  # fmt: skip
 
     cfg = C.resolve(flags, config_path)
     result = run(cfg)
-    metrics = Path(result.output) / "metrics.jsonl"
-    if metrics.is_file():  # rank 0 only writes it
-        from mlxsft.report import read_metrics, render_terminal_chart
+    from mlxsft import rundir
 
-        click.echo(render_terminal_chart(read_metrics(metrics)), err=True)
+    metrics = Path(result.output) / rundir.METRICS
+    if metrics.is_file():  # rank 0 only writes it
+        from mlxsft.report import render_terminal_chart
+
+        click.echo(render_terminal_chart(rundir.read_metrics(metrics)), err=True)
         click.echo(next_steps(cfg.model, str(result.output)), err=True)
 
 

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mlxsft import rundir
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -24,7 +26,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-METRICS_FILES = ("metrics.json", "metrics.jsonl", "train_log.jsonl", "log.jsonl")
 MAX_SHARD_BYTES = 5 * 2**30
 
 
@@ -86,55 +87,28 @@ def _generation_config(src: Path, config: dict) -> dict:
     return {k: config[k] for k in keys if config.get(k) is not None}
 
 
-def read_metrics(adapter_dir: Path | None) -> dict[str, Any]:
-    """Final metrics of a run: metrics.json, or the last `train` and `eval` rows of metrics.jsonl.
-
-    `mlxsft train` logs rows `{"type": "train", "step", "loss", ...}` and `{"type": "eval",
-    "step", "val_loss", "val_ppl", ...}`; train keys get a `train_` prefix, eval's step is
-    `eval_step`.
-    """
+def final_metrics(adapter_dir: Path | None) -> dict[str, Any]:
+    """The last `train` and `eval` rows of the run's metrics.jsonl (train keys get a `train_`
+    prefix, eval's step is `eval_step`), or {}."""
     if adapter_dir is None:
         return {}
-    for name in METRICS_FILES:
-        path = adapter_dir / name
-        if not path.is_file():
-            continue
-        if name.endswith(".json"):
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
-        last: dict[str, dict] = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+    run = rundir.run_of(adapter_dir) or adapter_dir
+    if run is None or not (run / rundir.METRICS).is_file():
+        return {}
+    last: dict[str, dict] = {}
+    for row in rundir.read_metrics(run, strict=False):
+        last[str(row.get("type", "train"))] = row
+    final: dict[str, Any] = {}
+    for kind in ("train", "eval"):
+        for k, v in last.get(kind, {}).items():
+            if k == "type" or not isinstance(v, (int, float, str)):
                 continue
-            if isinstance(row, dict):
-                last[str(row.get("type", "train"))] = row
-        final: dict[str, Any] = {}
-        for kind in ("train", "eval"):
-            for k, v in last.get(kind, {}).items():
-                if k == "type" or not isinstance(v, (int, float, str)):
-                    continue
-                if kind == "train":
-                    key = k if k.startswith("train") else f"train_{k}"
-                else:
-                    key = "eval_step" if k == "step" else k
-                final[key] = round(v, 6) if isinstance(v, float) else v
-        return final
-    return {}
-
-
-def read_train_config(adapter_dir: Path | None) -> dict[str, Any]:
-    """The run's config.yaml (written by `mlxsft train` beside the adapter), or {}."""
-    if adapter_dir is None or not (adapter_dir / "config.yaml").is_file():
-        return {}
-    import yaml
-
-    try:
-        data = yaml.safe_load((adapter_dir / "config.yaml").read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+            if kind == "train":
+                key = k if k.startswith("train") else f"train_{k}"
+            else:
+                key = "eval_step" if k == "step" else k
+            final[key] = round(v, 6) if isinstance(v, float) else v
+    return final
 
 
 def _table(d: dict[str, Any]) -> list[str]:
@@ -154,7 +128,7 @@ def model_card(
     adapter_cfg: dict[str, Any] = {}
     if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
         adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    train_cfg = read_train_config(adapter_dir)
+    train_cfg = rundir.read_config(adapter_dir)
     kind = adapter_cfg.get("fine_tune_type", "lora")
     lines = [
         "---",
@@ -178,7 +152,7 @@ def model_card(
         lines += ["", "## Adapter", "", *_table(adapter_cfg)]
     if train_cfg:
         lines += ["", "## Training configuration", "", *_table(train_cfg)]
-    metrics = read_metrics(adapter_dir)
+    metrics = final_metrics(adapter_dir)
     if metrics:
         lines += ["", "## Final metrics", "", *_table(metrics)]
     if fidelity:

@@ -24,9 +24,9 @@ from mlxsft.model.peft import (
 
 def _run_model(adapter_dir: Path) -> str | None:
     """The base model named in the run's config.yaml beside the adapter (`mlxsft train`)."""
-    from mlxsft.export.hf import read_train_config
+    from mlxsft.rundir import read_config
 
-    model = read_train_config(adapter_dir).get("model")
+    model = read_config(adapter_dir).get("model")
     return str(model) if model else None
 
 

@@ -295,9 +295,15 @@ def _vocab_rows(adapter: Path, config: dict) -> int:
 
 def _load_adapter(model: Any, adapter: Path) -> Any:
     """Apply an mlxsft / mlx-lm adapter dir, or a PEFT one (converted on the fly), to `model`."""
+    import sys
+
     from mlxsft.model import lora
     from mlxsft.model.peft import ensure_mlx_adapter
+    from mlxsft.rundir import resolve_adapter
 
+    adapter, note = resolve_adapter(adapter)  # a run dir: its final adapter or newest checkpoint
+    if note:
+        print(note, file=sys.stderr)
     adapter = ensure_mlx_adapter(adapter)
     for name in ("adapter_config.json", "adapters.safetensors"):
         if not (adapter / name).is_file():

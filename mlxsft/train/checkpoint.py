@@ -5,16 +5,14 @@ A checkpoint is a directory `OUT/checkpoints/step-0000123/` holding
   optimizer.safetensors                        tree_flatten(optimizer.state), incl. its step
   state.json                                   step, data cursor (epoch, batch index), token
                                                count, best val loss, MLX RNG state
-It is built in a hidden temp directory and renamed into place, so a directory named `step-*` is
-always complete; a crash mid-write leaves only a `.tmp-*` directory that resume ignores.
+  fingerprint.json                             the settings + data hash resume must match
+It is built in a hidden temp directory and renamed into place (`mlxsft.rundir` names the files
+and owns the atomic moves), so a directory named `step-*` is always complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxsft import rundir
 from mlxsft.errors import UserError
-
-CHECKPOINTS = "checkpoints"
-KEEP_LAST = 3  # older regular checkpoints are pruned (full fine-tunes make big ones)
-_NAME = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -62,70 +57,26 @@ def save_checkpoint(
     optimizer: optim.Optimizer,
     adapter_config: dict[str, Any],
     state: TrainState,
+    fingerprint: dict[str, Any] | None = None,
+    *,
+    prune: bool = True,
 ) -> Path:
     """Write `OUT/checkpoints/step-N/` atomically (temp dir + rename); prune old ones."""
     from mlxsft.model.lora import save_adapters
 
-    root = Path(out_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{state.step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    final = rundir.checkpoint_dir(out_dir, state.step)
+    tmp = rundir.temp_dir(final.parent, final.name)
     save_adapters(model, tmp, adapter_config)
     opt_state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+    mx.save_safetensors(str(tmp / rundir.OPTIMIZER), opt_state)
     state.mx_key = rng_key()
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
-    if final.exists():  # the same step saved twice (e.g. Ctrl-C right after a save)
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _prune(root)
+    if fingerprint is not None:
+        rundir.write_fingerprint(tmp, fingerprint)
+    (tmp / rundir.STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+    rundir.replace_dir(tmp, final)  # the same step saved twice: e.g. Ctrl-C right after a save
+    if prune:
+        rundir.prune(out_dir)
     return final
-
-
-def _prune(root: Path) -> None:
-    for path in list_checkpoints(root.parent)[:-KEEP_LAST]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under OUT/checkpoints, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _NAME.match(p.name)) and (p / "state.json").is_file()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def find_resume(out_dir: str | Path, spec: str | None) -> Path | None:
-    """The checkpoint to resume from: `auto` = newest in OUT (None if there is none), or a given
-    checkpoint directory (or a run directory, whose newest checkpoint is taken)."""
-    if not spec:
-        return None
-    if spec == "auto":
-        found = list_checkpoints(out_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if (path / "state.json").is_file():
-        return path
-    found = list_checkpoints(path)
-    if found:
-        return found[-1]
-    raise UserError(
-        "not a checkpoint directory (no state.json) and no checkpoints inside it",
-        where=str(path),
-        hint="pass --resume auto, or OUT/checkpoints/step-N from an earlier run",
-    )
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: optim.Optimizer) -> TrainState:
@@ -147,10 +98,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: optim.Optimiz
         )
     model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())
-    opt_state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    opt_state = tree_unflatten(list(mx.load(str(path / rundir.OPTIMIZER)).items()))
     optimizer.state.update(opt_state)
     mx.eval(model.parameters(), optimizer.state)
-    raw = json.loads((path / "state.json").read_text())
+    raw = json.loads((path / rundir.STATE).read_text())
     raw.pop("np_rng", None)  # older checkpoints saved an (unused) NumPy RNG state
     state = TrainState(**raw)
     if state.mx_key:
@@ -158,21 +109,29 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: optim.Optimiz
     return state
 
 
+def all_finite(model: nn.Module) -> bool:
+    """Whether every trainable weight is finite (checked before anything is saved)."""
+    leaves = [v for _, v in tree_flatten(model.trainable_parameters())]
+    ok = [mx.all(mx.isfinite(v)) for v in leaves if mx.issubdtype(v.dtype, mx.floating)]
+    return bool(mx.all(mx.stack(ok)).item()) if ok else True
+
+
 def save_best(out_dir: str | Path, model: nn.Module, adapter_config: dict[str, Any]) -> Path:
     """Replace OUT/best/ (adapter of the lowest validation loss so far) atomically."""
     from mlxsft.model.lora import save_adapters
 
     out = Path(out_dir)
-    tmp = out / f".tmp-best-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = rundir.temp_dir(out, rundir.BEST)
     save_adapters(model, tmp, adapter_config)
-    best = out / "best"
-    if best.exists():
-        old = out / f".old-best-{os.getpid()}"
-        os.rename(best, old)
-        os.rename(tmp, best)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, best)
-    return best
+    return rundir.replace_dir(tmp, out / rundir.BEST)
+
+
+def save_final(out_dir: str | Path, model: nn.Module, adapter_config: dict[str, Any]) -> Path:
+    """Write OUT's top-level adapter; weights and config never disagree (see rundir)."""
+    from mlxsft.model.lora import save_adapters
+
+    out = Path(out_dir)
+    tmp = rundir.temp_dir(out, "adapter")
+    save_adapters(model, tmp, adapter_config)
+    rundir.publish_adapter(tmp, out)
+    return out

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ def evaluate_model(
         raise UserError("eval needs --model and --data")
     split = split or default_split(cfg.data)
     rows = read_split(cfg, cfg.data, split)
-    loaded, _, _ = load_model(cfg, train=False)
+    loaded, _, notes = load_model(cfg, train=False)
+    for line in notes:
+        print(line, file=sys.stderr)
     model = loaded.model
     label = split if Path(cfg.data).is_dir() else Path(cfg.data).name
     encoded, note = encode_rows(cfg, loaded.tokenizer, rows, label)

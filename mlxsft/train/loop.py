@@ -9,27 +9,30 @@ builds the same global batch and trains its own rows of it.
 
 from __future__ import annotations
 
-import math
-import shutil
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from mlxsft.config import TrainConfig, save_config
+from mlxsft import rundir
+from mlxsft.config import TrainConfig
 from mlxsft.data.batching import BatchPlan, make_batch, plan_epoch
 from mlxsft.errors import UserError
 from mlxsft.train import checkpoint as ckpt
 from mlxsft.train.distributed import World, init_world
+from mlxsft.train.divergence import HINT, DivergenceWatch
 from mlxsft.train.evaluate import evaluate
 from mlxsft.train.progress import Progress, peak_memory_gb
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+    """Training diverged (non-finite loss or grad norm, loss stuck at ln(vocab), exploding
+    gradients); exits 2 like every user error."""
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _decorrelate_ranks(world: World) -> None:
 class _Run:
     """One training run: set up in __init__, then `run()`."""
 
-    def __init__(self, cfg: TrainConfig, stream: Any = None):
+    def __init__(self, cfg: TrainConfig, world: World, stream: Any = None):
         from mlxsft.train.loss import choose_loss
         from mlxsft.train.schedule import build_optimizer, build_schedule
         from mlxsft.train.setup import prepare
@@ -100,14 +103,24 @@ class _Run:
         self.t_start = time.perf_counter()
         self.cfg = cfg
         check_available(cfg.report_to)  # before the model loads
-        self.world = world = init_world()
+        self.world = world
         world.check_batch_size(cfg.batch_size, cfg.grad_accum)
         self.out = Path(cfg.output)
-        self.resume_from = ckpt.find_resume(self.out, cfg.resume)
+        self.cleaned = rundir.clean_leftovers(self.out) if world.is_main else []
+        self.resume_from = rundir.find_resume(self.out, cfg.resume)
         mx.random.seed(cfg.seed)
         _wire_memory()
         self.prep = prepare(cfg)
         self.model = self.prep.model
+        # the template it resolved to, not "auto": the config.yaml re-run resumes identically
+        self.resolved_cfg = replace(cfg, template=_template_spec(self.prep.template, cfg.template))
+        self.fingerprint = rundir.fingerprint(
+            self.resolved_cfg.to_dict(), pack=self.prep.pack, data_sha256=self.prep.data_sha256
+        )
+        if self.resume_from is not None:
+            note = rundir.check_fingerprint(self.resume_from, self.fingerprint)
+            if note:
+                self.prep.notes.append(note)
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
         self.lengths = [e.n_tokens for e in self.prep.train]
@@ -124,7 +137,7 @@ class _Run:
         if world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.progress = Progress(
-            self.out / "metrics.jsonl" if world.is_main else None,
+            self.out if world.is_main else None,
             total_steps=total,
             steps_per_epoch=len(self.plans),
             every=cfg.steps_per_report,
@@ -145,6 +158,8 @@ class _Run:
         self.last_loss: float | None = None
         self.val_loss: float | None = None
         self.logged_compile = False
+        vocab = self.prep.config.get("vocab_size") or len(self.prep.tokenizer)
+        self.watch = DivergenceWatch(int(vocab))
 
     def _plans_for(self, epoch: int) -> list[BatchPlan]:
         return plan_epoch(
@@ -164,20 +179,14 @@ class _Run:
         from mlxsft.model.lora import n_parameters
 
         cfg, log = self.cfg, self.progress.log
-        if self.resume_from is None:
-            old = ckpt.list_checkpoints(self.out)
-            if old and self.world.is_main:
-                log(f"note: replacing {len(old)} checkpoint(s) of an earlier run in {self.out} "
-                    "(pass --resume auto to continue it instead)")  # fmt: skip
-                for path in old:
-                    shutil.rmtree(path, ignore_errors=True)
-            if self.world.is_main and (self.out / "best").is_dir():
-                shutil.rmtree(self.out / "best", ignore_errors=True)  # an earlier run's best
+        for line in self.cleaned:
+            log(f"note: {line}")
+        if self.resume_from is None and self.world.is_main:
+            self._replace_earlier_run()
             if cfg.resume == "auto":
                 log(f"no checkpoint in {self.out}; starting fresh")
         if self.world.is_main:  # the template it resolved to, not "auto"
-            save_config(replace(cfg, template=_template_spec(self.prep.template, cfg.template)),
-                        self.out / "config.yaml")  # fmt: skip
+            rundir.write_config(self.out, self.resolved_cfg.to_dict())
             if self.prep.tokenizer_changed:  # --add-chat-tokens: loaders take it from here
                 self.prep.tokenizer.save_pretrained(str(self.out))
         for note in self.prep.notes:
@@ -203,6 +212,20 @@ class _Run:
         if self.resume_from is not None:
             log(f"resuming from {self.resume_from} at step {self.state.step}")
 
+    def _replace_earlier_run(self) -> None:
+        """A fresh start: an earlier run's checkpoints, best/ and adapter go (one run per OUT)."""
+        old = rundir.list_checkpoints(self.out)
+        if old:
+            self.progress.log(
+                f"note: replacing {len(old)} checkpoint(s) of an earlier run in {self.out} "
+                "(pass --resume auto to continue it instead)"
+            )
+        rundir.prune(self.out, keep=0)
+        if (self.out / rundir.BEST).is_dir():
+            rundir.remove_dir(self.out / rundir.BEST)
+        (self.out / rundir.ADAPTER_CONFIG).unlink(missing_ok=True)
+        (self.out / rundir.ADAPTER_WEIGHTS).unlink(missing_ok=True)
+
     def _memory_warning(self) -> str | None:
         """`mlxsft plan`'s one-line warning when the estimated peak exceeds the memory budget."""
         from mlxsft.plan import memory_warning, profile_data, run_shape
@@ -214,16 +237,33 @@ class _Run:
         except (KeyError, ValueError, TypeError, ZeroDivisionError):  # an estimate, never fatal
             return None
 
-    def save(self) -> Path | None:
-        """A checkpoint of the current state (rank 0 writes; every rank waits)."""
+    def save(self, *, final_adapter: bool = False) -> Path | None:
+        """A checkpoint of the current state (rank 0 writes; every rank waits); with
+        `final_adapter` also OUT's top-level adapter. Never saves non-finite weights; while the
+        loss looks diverged older checkpoints are not pruned (one of them is the good one)."""
+        self._check_finite_weights()
         self.state.elapsed_s = self._elapsed()
         path = None
         if self.world.is_main:
             path = ckpt.save_checkpoint(
-                self.out, self.model, self.optimizer, self.prep.adapter_config, self.state
+                self.out,
+                self.model,
+                self.optimizer,
+                self.prep.adapter_config,
+                self.state,
+                self.fingerprint,
+                prune=not self.watch.suspect,
             )
+            if final_adapter:
+                ckpt.save_final(self.out, self.model, self.prep.adapter_config)
         self.world.barrier()
         return path
+
+    def _check_finite_weights(self) -> None:
+        if not ckpt.all_finite(self.model):
+            self.progress.close()
+            self.watch.first_bad_step = self.state.step
+            raise self._diverged(f"the weights became non-finite by step {self.state.step}")
 
     def run_eval(self) -> None:
         if self.prep.valid:
@@ -249,7 +289,8 @@ class _Run:
         )
         self.val_loss = loss
         best = state.best_val_loss is None or loss < state.best_val_loss
-        if best:
+        if best and not self.watch.suspect:
+            self._check_finite_weights()
             state.best_val_loss, state.best_step = loss, state.step
             if self.world.is_main:
                 ckpt.save_best(self.out, self.model, self.prep.adapter_config)
@@ -269,9 +310,10 @@ class _Run:
         state.batch_index += 1
         if state.batch_index == len(self.plans):
             state.epoch, state.batch_index = state.epoch + 1, 0
-        if not math.isfinite(loss):
+        reason = self.watch.observe(state.step, loss, self.step_fn.last_grad_norm)
+        if reason:
             self.progress.close()
-            raise self._diverged(loss)
+            raise self._diverged(reason)
         state.trained_tokens += n_tokens
         self.last_loss = loss
         if not self.logged_compile:
@@ -291,24 +333,20 @@ class _Run:
         }
         self.progress.train_step(record, seconds)
 
-    def _diverged(self, loss: float) -> TrainingDiverged:
+    def _diverged(self, reason: str) -> TrainingDiverged:
         """The loss of step s comes from the weights after step s - 1, so checkpoints from step
-        s - 1 on hold bad weights: remove them and point at the newest one left."""
-        step, good = self.state.step, None
-        for path in ckpt.list_checkpoints(self.out):
-            if int(path.name.split("-")[1]) < step - 1:
+        s - 1 on hold bad weights: remove them and point at the newest one left (best/ is only
+        written from healthy states, so it stays)."""
+        bad_from, good = (self.watch.first_bad_step or self.state.step) - 1, None
+        for path in rundir.list_checkpoints(self.out):
+            if (rundir.checkpoint_step(path) or 0) < bad_from:
                 good = path
             elif self.world.is_main:
-                shutil.rmtree(path, ignore_errors=True)
+                rundir.remove_dir(path)
         where = f"the last good checkpoint is {good}" if good else "no good checkpoint was saved"
-        return TrainingDiverged(
-            f"the training loss became {loss} at step {step}; stopped ({where})",
-            hint="lower --learning-rate, add --warmup, or set --max-grad-norm 1.0",
-        )
+        return TrainingDiverged(f"training diverged: {reason}; stopped ({where})", hint=HINT)
 
     def run(self) -> TrainResult:
-        from mlxsft.model.lora import save_adapters
-
         cfg, state = self.cfg, self.state
         valid = bool(self.prep.valid) or bool(self.prep.eval_prompts)
         self._announce()
@@ -320,15 +358,21 @@ class _Run:
                 final = state.step == self.total
                 if valid and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
                     self.run_eval()
+                if final and (reason := self.watch.finish()):
+                    self.progress.close()
+                    raise self._diverged(reason)
                 if final or (cfg.save_every and state.step % cfg.save_every == 0):
-                    self.save()
+                    self.save(final_adapter=final)
                 if stop.set and not final:
-                    path = self.save()
-                    self.progress.log(f"interrupted at step {state.step}; saved {path}")
+                    self.save(final_adapter=True)
+                    self.progress.log(
+                        f"interrupted at step {state.step}: saved the adapter to {self.out} and "
+                        f"a checkpoint; resume with: {resume_command(self.out)}"
+                    )
                     self.progress.close()
                     raise KeyboardInterrupt
-        if self.world.is_main:
-            save_adapters(self.model, self.out, self.prep.adapter_config)
+        if self.world.is_main and not (self.out / rundir.ADAPTER_CONFIG).is_file():
+            ckpt.save_final(self.out, self.model, self.prep.adapter_config)  # resumed a done run
         result = TrainResult(
             output=self.out,
             steps=state.step,
@@ -354,10 +398,32 @@ def _template_spec(template: Any, spec: str) -> str:
 def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
     """Run one training job described by `cfg` (validated); progress goes to `stream` (stderr).
 
-    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt; a NaN/inf loss raises
-    TrainingDiverged. Only rank 0 writes files or prints.
+    Ctrl-C saves a checkpoint and the adapter, then re-raises KeyboardInterrupt; divergence
+    raises TrainingDiverged. Only rank 0 writes files or prints, holding OUT's lock.
     """
-    return _Run(cfg, stream).run()
+    world = init_world()
+    with _locked(cfg.output, world) as stale:
+        run = _Run(cfg, world, stream)
+        if stale:
+            run.cleaned.insert(0, f"{cfg.output}: {stale} had not released it (killed?)")
+        return run.run()
+
+
+@contextlib.contextmanager
+def _locked(out: str, world: World) -> Iterator[str | None]:
+    """Rank 0 holds OUT's lock for the run; yields what a killed earlier run left in it."""
+    if not world.is_main:
+        yield None
+        return
+    with rundir.RunLock(out) as lock:
+        yield lock.stale
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in OUT exactly (its config.yaml has every setting)."""
+    import shlex
+
+    return f"mlxsft train -c {shlex.quote(str(out / rundir.CONFIG))} --resume auto"
 
 
 def summary(r: TrainResult) -> str:

@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 import mlx.core as mx
 
+from mlxsft import rundir
+
 
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
@@ -36,7 +38,7 @@ class Progress:
 
     def __init__(
         self,
-        metrics_path: Path | None,
+        out_dir: Path | None,
         *,
         total_steps: int,
         steps_per_epoch: int,
@@ -52,8 +54,8 @@ class Progress:
         self.live = enabled and self.stream.isatty()
         self.total, self.per_epoch, self.every = total_steps, steps_per_epoch, every
         self.file = None
-        if enabled and metrics_path is not None:
-            self.file = _open_metrics(metrics_path, resume_step)
+        if enabled and out_dir is not None:
+            self.file = rundir.open_metrics(out_dir, resume_step)
         self.window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since report
         self.start_step = resume_step
         self.t0 = time.perf_counter()
@@ -144,18 +146,3 @@ class Progress:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
-
-
-def _open_metrics(path: Path, resume_step: int) -> TextIO:
-    """Open metrics.jsonl for appending; on resume drop lines past the resumed step (they are
-    about to be trained again), on a fresh run start empty."""
-    keep: list[str] = []
-    if resume_step > 0 and path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= resume_step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue
-    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
-    return path.open("a", encoding="utf-8")

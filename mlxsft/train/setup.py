@@ -31,6 +31,7 @@ class Prepared:
     tokenizer_changed: bool = False  # --add-chat-tokens: save the tokenizer with the adapter
     eval_prompts: list[Any] = field(default_factory=list)  # train/gen_eval.EvalPrompt
     renderer: Any = None  # data/render.Renderer for generation (set with eval_prompts)
+    data_sha256: str = ""  # of the training data as read (part of the resume fingerprint)
 
 
 def read_split(cfg: TrainConfig, path: str, split: str) -> list[Example]:
@@ -159,8 +160,12 @@ def load_model(cfg: TrainConfig, *, train: bool) -> tuple[Any, dict[str, Any], l
         notes.append("quantized base: LoRA on a frozen quantized model (QLoRA)")
     if cfg.adapter:
         from mlxsft.model.peft import ensure_mlx_adapter
+        from mlxsft.rundir import resolve_adapter
 
-        adapter = ensure_mlx_adapter(cfg.adapter)  # a PEFT adapter dir is converted on the fly
+        adapter, note = resolve_adapter(cfg.adapter)  # a run dir: its final or newest adapter
+        if note:
+            notes.append(note)
+        adapter = ensure_mlx_adapter(adapter)  # a PEFT adapter dir is converted on the fly
         model = lora.load_adapters(model, adapter)
         adapter_config = lora.read_adapter_config(adapter)
         if (Path(cfg.adapter) / "tokenizer.json").is_file():  # trained with added tokens
@@ -263,6 +268,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         pack,
         notes,
         template,
+        data_sha256(cfg.data),
     )
     prepared.tokenizer_changed = bool(cfg.add_chat_tokens)
     if prompt_rows:
@@ -301,3 +307,15 @@ def _add_eval_prompts(cfg: TrainConfig, prepared: Prepared, rows: list[Example])
     prepared.notes.append(
         f"generation eval: {len(prompts)} prompts, greedy, up to {cfg.eval_max_tokens} tokens"
     )
+
+
+def data_sha256(data: str) -> str:
+    """sha256 of the training split's file(s); of the name for a hub dataset."""
+    import hashlib
+
+    from mlxsft.data.formats import data_files
+    from mlxsft.rundir import hash_files
+
+    if not Path(data).exists():
+        return hashlib.sha256(data.encode()).hexdigest()
+    return hash_files(data_files(data, "train"))

@@ -15,6 +15,7 @@ import mlx.core as mx
 import pytest
 
 from mlxsft.config import resolve
+from mlxsft.errors import UserError
 from mlxsft.train.loop import train
 
 ROWS = [
@@ -110,7 +111,10 @@ def test_ctrl_c_saves_then_resume_auto_equals_straight(straight, tiny_llama, dat
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tiny_llama, data_file, out, save_every=0), stream=_InterruptAt(2, 6))
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
-    assert not (out / "adapters.safetensors").exists()  # only finished runs write the adapter
+    # Ctrl-C also writes the top-level adapter of the last step (usable at once)
+    interrupted = _weights(out)
+    step2 = mx.load(str(out / "checkpoints" / "step-0000002" / "adapters.safetensors"))
+    assert _max_diff(interrupted, step2) == 0
     train(_cfg(tiny_llama, data_file, out, save_every=0, resume="auto"))
     assert _max_diff(_weights(out), _weights(straight)) <= 1e-6
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -152,3 +156,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(
         "step-0000002",
     ]
     assert not (out / "adapters.safetensors").exists()
+
+
+def test_resume_with_other_settings_or_data_is_refused_line_by_line(
+    straight, tiny_llama, data_file, tmp_path
+):
+    changed = tmp_path / "train.jsonl"
+    changed.write_text(data_file.read_text().replace("c b a", "a b c"))
+    cfg = _cfg(tiny_llama, changed, tmp_path / "o", batch_size=4, resume=str(straight))
+    with pytest.raises(UserError) as info:
+        train(cfg)
+    lines = str(info.value).splitlines()
+    assert "2 setting(s) differ" in lines[0]
+    assert lines[1] == "  batch_size: 2 in the checkpoint, 4 now"
+    assert lines[2].startswith("  data_sha256: data sha256 ")
+    assert not (tmp_path / "o" / "checkpoints").exists()  # nothing written

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from mlxsft.config import TrainConfig, load_config, resolve, save_config
+from mlxsft import rundir
+from mlxsft.config import TrainConfig, load_config, resolve
 from mlxsft.errors import UserError
 
 
@@ -57,11 +58,12 @@ def test_invalid_values(values, message):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = resolve({"model": "m", "data": "d", "lr": 0.5, "target_modules": "q_proj,v_proj"})
-    save_config(cfg, tmp_path / "config.yaml")
+    flags = {"model": "m", "data": "d", "lr": 0.5, "target_modules": "q_proj,v_proj"}
+    cfg = resolve({**flags, "resume": "auto"})
+    rundir.write_config(tmp_path, cfg.to_dict())
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert set(saved) == set(TrainConfig().to_dict())
-    assert resolve({}, tmp_path / "config.yaml") == cfg
+    assert set(saved) == set(TrainConfig().to_dict()) - {"resume"}  # re-running never resumes
+    assert resolve({}, tmp_path / "config.yaml") == resolve(flags)
 
 
 def test_schedules_with_warmup():

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxsft import report as rep
+from mlxsft import rundir
 from mlxsft.errors import DataError, UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,14 +79,14 @@ def test_chart_without_eval_and_empty():
 
 def test_read_metrics_errors(tmp_path: Path):
     path = _write(tmp_path / "metrics.jsonl", [_train(1, 1.0)], tail='{"type": "tr')
-    assert len(rep.read_metrics(tmp_path)) == 1  # partial last line of a live run: skipped
+    assert len(rundir.read_metrics(tmp_path)) == 1  # partial last line of a live run: skipped
     _write(path, [_train(1, 1.0)], tail='{"bad\n' + json.dumps(_train(2, 1.0)) + "\n")
     with pytest.raises(DataError, match=r"metrics.jsonl:2: not valid JSON"):
-        rep.read_metrics(path)
+        rundir.read_metrics(path)
     with pytest.raises(UserError, match="no metrics.jsonl"):
-        rep.read_metrics(tmp_path / "..")
+        rundir.read_metrics(tmp_path / "..")
     with pytest.raises(FileNotFoundError):
-        rep.read_metrics(tmp_path / "missing")
+        rundir.read_metrics(tmp_path / "missing")
 
 
 def test_cli_terminal_only_and_error(tmp_path: Path, monkeypatch):
@@ -104,7 +105,7 @@ def test_png_from_real_metrics(tmp_path: Path):
     pytest.importorskip("matplotlib")
     if not (REAL_RUN / "metrics.jsonl").is_file():
         pytest.skip("no recorded run in examples/sample-run")
-    metrics = rep.read_metrics(REAL_RUN)
+    metrics = rundir.read_metrics(REAL_RUN)
     assert {r["type"] for r in metrics} == {"train", "eval"}
     out = rep.render_png(metrics, tmp_path / "r.png", size=(900, 600))
     head = out.read_bytes()[:24]

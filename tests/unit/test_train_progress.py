@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mlxsft.errors import UserError
-from mlxsft.train.checkpoint import find_resume, list_checkpoints
+from mlxsft.rundir import CHECKPOINT_FILES, find_resume, list_checkpoints
 from mlxsft.train.progress import Progress
 
 
@@ -31,7 +31,7 @@ def _record(step: int) -> dict:
 def test_progress_lines_and_metrics(tmp_path, tty):
     stream = _Stream(tty)
     metrics = tmp_path / "metrics.jsonl"
-    progress = Progress(metrics, total_steps=4, steps_per_epoch=4, every=2, stream=stream)
+    progress = Progress(tmp_path, total_steps=4, steps_per_epoch=4, every=2, stream=stream)
     for step in range(1, 5):
         progress.train_step(_record(step), 0.1)
     progress.eval(4, 0.5, 30, best=True)
@@ -56,7 +56,7 @@ def test_resume_truncates_metrics_after_the_checkpoint(tmp_path):
     metrics.write_text(
         "".join(json.dumps({"type": "train", "step": s}) + "\n" for s in range(1, 6))
     )
-    Progress(metrics, total_steps=9, steps_per_epoch=9, every=1, resume_step=3,
+    Progress(tmp_path, total_steps=9, steps_per_epoch=9, every=1, resume_step=3,
              stream=_Stream(False)).close()  # fmt: skip
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
 
@@ -66,8 +66,8 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
     for name, complete in [("step-0000002", True), ("step-0000010", True),
                            ("step-0000012", False), (".tmp-step-0000014-99", True)]:  # fmt: skip
         (root / name).mkdir(parents=True)
-        if complete:
-            (root / name / "state.json").write_text("{}")
+        for file in CHECKPOINT_FILES if complete else ("state.json",):
+            (root / name / file).write_text("{}")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002", "step-0000010"]
     assert find_resume(tmp_path, "auto") == root / "step-0000010"
     assert find_resume(tmp_path, str(root / "step-0000002")) == root / "step-0000002"

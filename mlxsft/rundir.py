@@ -1,0 +1,425 @@
+"""The run directory of `mlxsft train --output OUT`: the one module that names its files and
+reads or writes them. Pure Python (no mlx), so `report`, `export` and `generate` read runs cheaply.
+
+    OUT/.lock                     advisory lock (fcntl.flock) of the running `train`: its pid
+    OUT/config.yaml               the resolved run config (never `resume`)
+    OUT/metrics.jsonl             one JSON object per train step and per evaluation
+    OUT/adapters.safetensors      the final adapter (also written on Ctrl-C) ...
+    OUT/adapter_config.json       ... loadable by `mlx_lm.load(..., adapter_path=OUT)`
+    OUT/best/                     the adapter of the lowest validation loss
+    OUT/checkpoints/step-0000123/ adapters.safetensors, adapter_config.json,
+                                  optimizer.safetensors, state.json, fingerprint.json
+
+Every write is atomic: a hidden `.tmp-*` sibling is renamed into place, a replaced directory
+is first moved to `.old-*`, a pruned one to `.del-*`. `clean_leftovers` finishes or undoes
+what a killed run left behind, so a directory named `step-*` is always complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+from mlxsft.errors import DataError, UserError
+
+LOCK = ".lock"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+ADAPTER_WEIGHTS = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+BEST = "best"
+CHECKPOINTS = "checkpoints"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+FINGERPRINT = "fingerprint.json"
+CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER, STATE)
+KEEP_LAST = 3  # older regular checkpoints are pruned (full fine-tunes make big ones)
+
+_STEP = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|del)-|\.tmp(\.|$)")
+_OLD = re.compile(r"^\.old-(.+)-\d+$")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out: str | Path, step: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"step-{step:07d}"
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """N of a `step-N` directory, else None."""
+    m = _STEP.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return all((Path(path) / name).is_file() for name in CHECKPOINT_FILES)
+
+
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Complete checkpoints under OUT/checkpoints, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if checkpoint_step(p) is not None]
+    return [p for _, p in sorted(found) if is_checkpoint(p)]
+
+
+def find_resume(out: str | Path, spec: str | None) -> Path | None:
+    """The checkpoint to resume from: `auto` = newest in OUT (None if there is none), or a given
+    checkpoint directory (or a run directory, whose newest checkpoint is taken)."""
+    if not spec:
+        return None
+    if spec == "auto":
+        found = list_checkpoints(out)
+        return found[-1] if found else None
+    path = Path(spec)
+    if is_checkpoint(path):
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise UserError(
+        "not a checkpoint directory (no state.json) and no checkpoints inside it",
+        where=str(path),
+        hint="pass --resume auto, or OUT/checkpoints/step-N from an earlier run",
+    )
+
+
+def prune(out: str | Path, keep: int = KEEP_LAST) -> None:
+    """Delete all but the newest `keep` checkpoints; each leaves `step-*` in one rename."""
+    for path in list_checkpoints(out)[:-keep] if keep else list_checkpoints(out):
+        remove_dir(path)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that it is gone at once (renamed to `.del-*` first)."""
+    doomed = path.with_name(f".del-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Move the complete directory `tmp` to `final`, replacing it; `final` is always either the
+    old or the new one (a kill in between leaves `.old-*`, which `clean_leftovers` restores)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def temp_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden `.tmp-NAME-PID` directory under `parent`."""
+    tmp = parent / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_adapter(tmp: Path, out: Path) -> None:
+    """Install the adapter files written to `tmp` as OUT's top-level adapter.
+
+    Two files cannot be renamed at once, so the old config goes first: a kill in between leaves
+    weights without a config (refused, and removed by `clean_leftovers`), never new weights
+    beside an old config of another rank or type.
+    """
+    (out / ADAPTER_CONFIG).unlink(missing_ok=True)
+    os.replace(tmp / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+    os.replace(tmp / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_leftovers(out: str | Path) -> list[str]:
+    """Finish or undo the writes of a killed run: restore a `.old-X` whose X is missing, delete
+    other `.tmp-*`/`.old-*`/`.del-*` entries, and weights without their adapter config.
+    Returns what was done, one line each."""
+    out, done = Path(out), []
+    for parent in (out, out / CHECKPOINTS):
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.iterdir()):
+            if not _LEFTOVER.search(path.name):
+                continue
+            m = _OLD.match(path.name)
+            if m and path.is_dir() and not (parent / m.group(1)).exists():
+                os.rename(path, parent / m.group(1))
+                done.append(f"restored {parent / m.group(1)} (a replacement was interrupted)")
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            done.append(f"removed {path} (left by an interrupted write)")
+    if (out / ADAPTER_WEIGHTS).is_file() and not (out / ADAPTER_CONFIG).is_file():
+        (out / ADAPTER_WEIGHTS).unlink()
+        done.append(f"removed {out / ADAPTER_WEIGHTS} (its adapter_config.json was never written)")
+    return done
+
+
+# ---------------------------------------------------------------- config.yaml
+
+
+def write_config(out: str | Path, values: dict[str, Any]) -> Path:
+    """OUT/config.yaml from a config dict, atomically. `resume` is a way of starting a run,
+    not a setting of it, so it is never recorded (re-running the file must not resume)."""
+    import yaml
+
+    path = Path(out) / CONFIG
+    values = {k: v for k, v in values.items() if k != "resume"}
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def read_config(run: str | Path | None) -> dict[str, Any]:
+    """The run's config.yaml as a dict ({} if RUN has none, or it is not a mapping)."""
+    path = run_of(run) if run is not None else None
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_of(path: str | Path) -> Path | None:
+    """The run directory a path belongs to (OUT itself, OUT/best, OUT/checkpoints/step-N), if
+    it has a config.yaml."""
+    path = Path(path)
+    for d in (path, path.parent, path.parent.parent):
+        if (d / CONFIG).is_file():
+            return d
+        if d.name not in (BEST, CHECKPOINTS) and checkpoint_step(d) is None:
+            break
+    return None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- metrics.jsonl
+
+
+def metrics_path(run: str | Path) -> Path:
+    """The metrics file of RUN (a run directory or the metrics.jsonl file itself)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / METRICS
+        if not path.is_file():
+            raise UserError(
+                f"{run}: no {METRICS} in this directory",
+                hint="pass the output directory of `mlxsft train` (its --output/adapter_path)",
+            )
+    elif not path.exists():
+        raise FileNotFoundError(f"{run}: no such file or directory")
+    return path
+
+
+def read_metrics(run: str | Path, *, strict: bool = True) -> list[dict[str, Any]]:
+    """All records of RUN's metrics.jsonl in file order. A bad line raises DataError(file:line)
+    (`strict`) or is skipped; a partial last line (a live or killed run) is always skipped."""
+    path = metrics_path(run)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines) or not strict:
+                continue
+            raise DataError(f"not valid JSON ({exc.msg})", where=f"{path}:{n}") from None
+        if not isinstance(record, dict) or "step" not in record:
+            if not strict:
+                continue
+            raise DataError("expected an object with a 'step'", where=f"{path}:{n}")
+        records.append(record)
+    return records
+
+
+def open_metrics(out: str | Path, resume_step: int) -> TextIO:
+    """Open OUT/metrics.jsonl for appending; on resume drop lines past the resumed step (they
+    are about to be trained again), on a fresh run start empty."""
+    path = Path(out) / METRICS
+    keep: list[str] = []
+    if resume_step > 0 and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= resume_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+    return path.open("a", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- lock
+
+
+class RunLock:
+    """An advisory lock on OUT (fcntl.flock on OUT/.lock) held for the whole run.
+
+    The kernel drops a flock when its process dies, so a lock left by `kill -9` is free again;
+    the pid it still names tells us a run ended without cleaning up.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.path = self.out / LOCK
+        self._file: IO[str] | None = None
+        self._created_out = False
+        self.stale: str | None = None  # what an earlier, killed run left in the lock file
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        if not self.out.exists():
+            self.out.mkdir(parents=True)
+            self._created_out = True
+        f = self.path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            raise UserError(
+                f"{self.out} is in use by {holder}",
+                hint="wait for that run to finish, or pass another --output",
+            ) from None
+        f.seek(0)
+        self.stale = f.read().strip() or None
+        f.seek(0)
+        f.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        f.write(f"mlxsft train (pid {os.getpid()} on {socket.gethostname()}, since {started})\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        """Unlock; an empty lock file means 'ended cleanly'. A directory this lock created and
+        nothing else used is removed again (a run that failed before writing anything)."""
+        import fcntl
+
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+        if self._created_out and [p.name for p in self.out.iterdir()] == [LOCK]:
+            shutil.rmtree(self.out, ignore_errors=True)
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- fingerprint
+
+# TrainConfig fields that change what the optimizer does (not logging, eval or checkpointing).
+FINGERPRINT_KEYS = (
+    "model", "adapter", "fine_tune_type", "rank", "alpha", "dropout", "target_modules",
+    "num_layers", "quantize", "template", "format", "train_on", "max_seq_len", "batch_size",
+    "grad_accum", "learning_rate", "optimizer", "weight_decay", "lr_schedule", "warmup",
+    "epochs", "iters", "seed", "max_grad_norm",
+)  # fmt: skip
+
+
+def hash_files(files: Iterable[Path]) -> str:
+    """sha256 over the contents of `files` (in order)."""
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any], *, pack: bool, data_sha256: str) -> dict[str, Any]:
+    """What must match for a resumed run to continue the same optimisation."""
+    out = {k: settings.get(k) for k in FINGERPRINT_KEYS}
+    for key in ("model", "adapter"):  # compare local paths, not how they were spelled
+        if out[key] and Path(str(out[key])).exists():
+            out[key] = str(Path(str(out[key])).resolve())
+    return {**out, "pack": pack, "data_sha256": data_sha256}
+
+
+def write_fingerprint(checkpoint: Path, fp: dict[str, Any]) -> None:
+    (checkpoint / FINGERPRINT).write_text(json.dumps(fp, indent=1) + "\n", encoding="utf-8")
+
+
+def check_fingerprint(checkpoint: Path, fp: dict[str, Any]) -> str | None:
+    """Raise UserError with one line per setting that differs from the checkpoint's run; a
+    checkpoint without a fingerprint (older mlxsft) returns a note instead."""
+    path = checkpoint / FINGERPRINT
+    if not path.is_file():
+        return f"note: {checkpoint} has no {FINGERPRINT}; settings not checked against it"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError("corrupt fingerprint", where=str(path)) from None
+    diff = [k for k in fp if k in saved and saved[k] != fp[k]]
+    if not diff:
+        return None
+    lines = [f"  {k}: {_show(k, saved[k])} in the checkpoint, {_show(k, fp[k])} now" for k in diff]
+    raise UserError(
+        f"cannot resume from {checkpoint}: {len(diff)} setting(s) differ from that run\n"
+        + "\n".join(lines)
+        + "\n  (resume with the checkpoint's settings, e.g. `mlxsft train -c "
+        f"{run_of(checkpoint) or 'OUT'}/{CONFIG} --resume auto`, or start fresh in another "
+        "--output)"
+    )
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "data_sha256":
+        return f"data sha256 {str(value)[:12]}"
+    return repr(value)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def resolve_adapter(path: str | Path) -> tuple[Path, str | None]:
+    """An adapter directory for `--adapter PATH`: PATH itself when it holds an adapter (a run's
+    top-level adapter, best/, a checkpoint), else the newest checkpoint of the run dir PATH
+    (with a one-line note saying so)."""
+    path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file() or not path.is_dir():
+        return path, None
+    found = list_checkpoints(path)
+    if not found:
+        return path, None
+    note = (
+        f"note: {path} has no final adapter (interrupted run?); "
+        f"using its latest checkpoint {found[-1]}"
+    )
+    return found[-1], note
