@@ -3,8 +3,9 @@
 Three signs, checked on values the loop already has on the host (no extra device sync):
 - a non-finite loss or gradient norm;
 - a loss stuck at or above ln(vocab) (no better than guessing uniformly) for `patience`
-  observations after it had been clearly lower: the weights were destroyed (e.g. a huge
-  learning rate), even though every number is finite;
+  observations after it had been clearly lower, or stuck exactly at ln(vocab) with a zero
+  gradient (uniform predictions that no update can change): the weights were destroyed (e.g. a
+  huge learning rate), even though every number is finite;
 - a gradient norm `explode` times larger than its recent median.
 The loss of step s is computed from the weights after step s - 1, so `first_bad_step - 1` is the
 first step whose weights are suspect: checkpoints from there on are not "good".
@@ -49,7 +50,8 @@ class DivergenceWatch:
             return self._bad(step, f"the training loss became {loss} at step {step}")
         if grad_norm is not None and not math.isfinite(grad_norm):
             return self._bad(step, f"the gradient norm became {grad_norm} at step {step}")
-        if loss >= self.ln_vocab and self.best_loss < self.ln_vocab - self.margin:
+        dead = abs(loss - self.ln_vocab) < 1e-3 and grad_norm is not None and grad_norm < 1e-8
+        if loss >= self.ln_vocab - 1e-3 and (self.best_loss < self.ln_vocab - self.margin or dead):
             if self.high_since is None:
                 self.high_since, self.n_high = step, 0
             self.n_high += 1
@@ -57,8 +59,8 @@ class DivergenceWatch:
                 return self._bad(
                     self.high_since,
                     f"the training loss has stayed at or above ln(vocab) = {self.ln_vocab:.2f} "
-                    f"(no better than guessing) since step {self.high_since}, after reaching "
-                    f"{self.best_loss:.4f}",
+                    f"(no better than guessing) since step {self.high_since}"
+                    + ("" if dead else f", after reaching {self.best_loss:.4f}"),
                 )
         else:
             self.high_since = None
@@ -82,7 +84,7 @@ class DivergenceWatch:
         return self._bad(
             self.high_since,
             f"the training loss ended at or above ln(vocab) = {self.ln_vocab:.2f} (no better "
-            f"than guessing) since step {self.high_since}, after reaching {self.best_loss:.4f}",
+            f"than guessing) since step {self.high_since}",
         )
 
     def _bad(self, step: int, reason: str) -> str:
