@@ -171,6 +171,62 @@ def clean_leftovers(out: str | Path) -> list[str]:
     return done
 
 
+# ---------------------------------------------------------------- write errors
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def write_error(exc: OSError, path: str | Path, n_bytes: int | None = None) -> UserError | None:
+    """A full disk or a permission problem as one line naming the path (and the bytes needed);
+    None for other errors (they are bugs, not the user's)."""
+    where = str(exc.filename or path)
+    if exc.errno in _NO_SPACE:
+        try:
+            free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".")
+            have = f"; {_size(free.free)} free"
+        except OSError:
+            have = ""
+        need = f" (needs about {_size(n_bytes)}{have})" if n_bytes else ""
+        return UserError(
+            f"no space left on the device{need}; the files written before are intact",
+            where=where,
+            hint="free some space (or pass another --output), then resume with --resume auto",
+        )
+    if exc.errno in _NO_PERMISSION:
+        return UserError(
+            f"cannot write here: {os.strerror(exc.errno or 0).lower()}",
+            where=where,
+            hint="pass a writable --output",
+        )
+    return None
+
+
+def _size(n: int | None) -> str:
+    n = n or 0
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+class writing:  # noqa: N801  (used like a function: `with writing(path, n_bytes):`)
+    """Turn a full disk or a permission error inside the block into `write_error`'s one line;
+    `cleanup` (a half-written temp path) is removed first, so nothing half-written remains."""
+
+    def __init__(self, path: str | Path, n_bytes: int | None = None, cleanup: Path | None = None):
+        self.path, self.n_bytes, self.cleanup = path, n_bytes, cleanup
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        if self.cleanup is not None:
+            shutil.rmtree(self.cleanup, ignore_errors=True)
+        if isinstance(exc, OSError) and (error := write_error(exc, self.path, self.n_bytes)):
+            raise error from None
+        return False
+
+
 # ---------------------------------------------------------------- config.yaml
 
 
@@ -181,7 +237,8 @@ def write_config(out: str | Path, values: dict[str, Any]) -> Path:
 
     path = Path(out) / CONFIG
     values = {k: v for k, v in values.items() if k != "resume"}
-    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+    with writing(path):
+        atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
     return path
 
 
@@ -270,8 +327,9 @@ def open_metrics(out: str | Path, resume_step: int) -> TextIO:
                     keep.append(line)
             except (json.JSONDecodeError, AttributeError):
                 continue
-    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
-    return path.open("a", encoding="utf-8")
+    with writing(path):
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+        return path.open("a", encoding="utf-8")
 
 
 # ---------------------------------------------------------------- lock
@@ -294,10 +352,11 @@ class RunLock:
     def acquire(self) -> RunLock:
         import fcntl
 
-        if not self.out.exists():
-            self.out.mkdir(parents=True)
-            self._created_out = True
-        f = self.path.open("a+", encoding="utf-8")
+        with writing(self.path):
+            if not self.out.exists():
+                self.out.mkdir(parents=True)
+                self._created_out = True
+            f = self.path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -8,7 +8,9 @@ Formats (auto-detected per file from the first row that has known keys, or force
   text        {"text"}
 Inputs: .jsonl, .json (a list of rows, or one row), a directory with train/valid/test.jsonl, or a
 Hugging Face `datasets` id when that package is installed. Every bad row becomes a `DataError`
-whose `where` is `file:line`.
+whose `where` is `file:line`: invalid UTF-8, lone surrogates (`"\\ud800"`), JSON nested deeper
+than MAX_DEPTH included. A UTF-8 BOM is accepted; a `.json` file must hold exactly one JSON value;
+only regular files are read (a FIFO or device never blocks a read).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ROLE_ALIASES = {
     "function_response": "tool", "tool_response": "tool",
 }  # fmt: skip
 TOOL_CALL_ROLES = ("function_call", "tool_call", "tool_calls")  # ShareGPT: assistant calling a tool
+MAX_DEPTH = 64  # JSON nesting per row; real rows need < 10, deeper ones only exhaust the stack
 
 
 def find_splits(path: str | Path) -> dict[str, Path]:
@@ -66,6 +69,12 @@ def data_files(path: str | Path, split: str = "train") -> list[Path]:
     if p.is_file():
         check_data_file(p)
         return [p]
+    if p.exists():
+        raise UserError(
+            "not a regular file (a FIFO, socket or device?)",
+            where=str(p),
+            hint="pass a .jsonl/.json file or a directory holding train.jsonl",
+        )
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
@@ -113,45 +122,112 @@ def iter_rows(path: str | Path, split: str = "train") -> Iterator[tuple[str, Any
         yield from _iter_hub_rows(str(path), split)
         return
     for file in data_files(p, split):
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM (Windows editors write one)
+            data = data[3:]
         if file.suffix == ".json":
-            yield from _iter_json_rows(file, text)
+            yield from _iter_json_rows(file, data)
         else:
-            yield from _iter_jsonl_rows(file, text)
+            yield from _iter_jsonl_rows(file, data)
 
 
-def _iter_jsonl_rows(file: Path, text: str) -> Iterator[tuple[str, Any]]:
+def _decode(data: bytes, file: Path, first_line: int = 1) -> str | DataError:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        newline = b"\n"
+        line = first_line + data.count(newline, 0, exc.start)
+        column = exc.start - data.rfind(newline, 0, exc.start)
+        return DataError(
+            f"not valid UTF-8: byte 0x{data[exc.start]:02x} at column {column}",
+            where=f"{file}:{line}",
+            hint="save the file as UTF-8",
+        )
+
+
+def _check_row(row: Any, where: str, escapes: bool) -> Any:
+    """`row` itself, or a DataError when it nests deeper than MAX_DEPTH or (when the text had
+    \\u escapes) holds a lone surrogate, which no tokenizer can encode."""
+    stack = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                return DataError(f"JSON nested deeper than {MAX_DEPTH} levels", where=where)
+            items = value.values() if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+            if isinstance(value, dict) and escapes:
+                stack.extend((k, depth) for k in value)
+        elif escapes and isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = value[exc.start]
+                return DataError(
+                    f"lone surrogate \\u{ord(bad):04x} in a string: not valid Unicode",
+                    where=where,
+                    hint="fix the \\u escapes (a surrogate pair needs both halves)",
+                )
+    return row
+
+
+def _parse(text: str, where: str) -> Any:
+    """One JSON value, checked; a DataError instead when it is not acceptable."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where=where,
+                         hint="each line must be one JSON object")  # fmt: skip
+    except RecursionError:
+        return DataError(f"JSON nested deeper than {MAX_DEPTH} levels", where=where)
+    return _check_row(row, where, "\\u" in text)
+
+
+def _iter_jsonl_rows(file: Path, data: bytes) -> Iterator[tuple[str, Any]]:
     # split on "\n" only: str.splitlines would also split at U+2028 etc. inside JSON strings
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         where = f"{file}:{lineno}"
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield where, DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where=where,
-                                   hint="each line must be one JSON object")  # fmt: skip
+        line = _decode(raw, file, lineno)
+        yield where, line if isinstance(line, DataError) else _parse(line, where)
 
 
-def _iter_json_rows(file: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """A JSON list (each element reported at the line it starts on), one object, or JSON lines."""
+def _iter_json_rows(file: Path, data: bytes) -> Iterator[tuple[str, Any]]:
+    """A JSON list (each element reported at the line it starts on) or one object, and nothing
+    after it."""
+    text = _decode(data, file)
+    if isinstance(text, DataError):
+        yield text.where or str(file), text
+        return
     decoder = json.JSONDecoder()
-    start = len(text) - len(text.lstrip())
+    start = _skip(text, 0)
     if text[start : start + 1] != "[":
         try:
-            yield f"{file}:{_line_of(text, start)}", json.loads(text)
+            row, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError as exc:
-            if exc.msg != "Extra data":
-                where = f"{file}:{exc.lineno}"
-                yield where, DataError(f"malformed JSON: {exc.msg}", where=where)
-            else:  # several objects: treat it as JSON lines
-                yield from _iter_jsonl_rows(file, text)
+            where = f"{file}:{exc.lineno}"
+            yield where, DataError(f"malformed JSON: {exc.msg}", where=where)
+            return
+        except RecursionError:
+            where = f"{file}:{_line_of(text, start)}"
+            yield where, DataError(f"JSON nested deeper than {MAX_DEPTH} levels", where=where)
+            return
+        where = f"{file}:{_line_of(text, start)}"
+        yield where, _check_row(row, where, "\\u" in text)
+        yield from _extra_data(file, text, end)
         return
     idx = start + 1
     while True:
         idx = _skip(text, idx)
-        if idx >= len(text) or text[idx] == "]":
+        if idx >= len(text):
+            where = f"{file}:{_line_of(text, idx)}"
+            yield where, DataError("malformed JSON: the list is not closed with ]", where=where)
             return
+        if text[idx] == "]":
+            yield from _extra_data(file, text, idx + 1)
+            return
+        where = f"{file}:{_line_of(text, idx)}"
         try:
             row, end = decoder.raw_decode(text, idx)
         except json.JSONDecodeError as exc:
@@ -159,10 +235,29 @@ def _iter_json_rows(file: Path, text: str) -> Iterator[tuple[str, Any]]:
             yield where, DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where=where,
                                    hint="the rest of the file is not read")  # fmt: skip
             return
-        yield f"{file}:{_line_of(text, idx)}", row
+        except RecursionError:
+            yield where, DataError(f"JSON nested deeper than {MAX_DEPTH} levels", where=where,
+                                   hint="the rest of the file is not read")  # fmt: skip
+            return
+        yield where, _check_row(row, where, "\\u" in text[idx:end])
         idx = _skip(text, end)
         if idx < len(text) and text[idx] == ",":
             idx += 1
+
+
+def _extra_data(file: Path, text: str, end: int) -> Iterator[tuple[str, Any]]:
+    """A DataError for anything but whitespace after the file's JSON value."""
+    idx = _skip(text, end)
+    if idx < len(text):
+        where = f"{file}:{_line_of(text, idx)}"
+        yield (
+            where,
+            DataError(
+                "extra data after the JSON value",
+                where=where,
+                hint="a .json file holds one list or object; name a file of one object per line .jsonl",
+            ),
+        )
 
 
 def _skip(text: str, idx: int) -> int:
@@ -232,6 +327,8 @@ def read_examples(
         _normalise_into(row, fmt, where, examples, errors)
     for where, row in pending:  # no row had known keys
         errors.append(_unknown_row(row, where))
+    if not examples and not errors:
+        errors.append(DataError("no rows: the data is empty", where=str(path)))
     errors.sort(key=_where_key)
     return examples, errors
 

@@ -4,11 +4,18 @@ sandboxed Jinja environment that matches transformers' `apply_chat_template(...,
 `resolve_template(spec, tokenizer)` picks one; `ChatTemplate.render(messages, ...)` renders it.
 Built-in templates never write a BOS token: `encode.py` adds the tokenizer's BOS when the tokenizer
 adds one itself, so a BOS is never doubled.
+
+A template is code from a model repo or a user: rendering is bounded (RENDER_LIMITS: `range()`
+items over the whole render, output size, time, `*`/`**` result sizes, recursion), and any
+failure is a one-line TemplateRenderError naming the row, never a hang or a traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -30,6 +37,74 @@ BUILTIN_MARKERS = {
 
 class TemplateRenderError(DataError):
     """A template raised (`raise_exception`) or failed while rendering one example."""
+
+
+# Far above what any real chat template needs for one conversation.
+RENDER_LIMITS = {"range_items": 1_000_000, "chars": 10_000_000, "seconds": 10.0}
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+class _Budget:
+    """The bounds of one render: `range()` counts its items and watches the clock."""
+
+    def __init__(self) -> None:
+        self.items = 0
+        self.deadline = time.perf_counter() + RENDER_LIMITS["seconds"]
+
+    def check_time(self) -> None:
+        if time.perf_counter() > self.deadline:
+            raise _LimitExceeded(f"rendering took over {RENDER_LIMITS['seconds']:g} s")
+
+    def range(self, *args: int) -> _CountedRange:
+        from jinja2.sandbox import safe_range
+
+        return _CountedRange(safe_range(*args), self)
+
+    def count(self, values: range) -> Iterator[int]:
+        for i, value in enumerate(values):
+            self.items += 1
+            if self.items > RENDER_LIMITS["range_items"]:
+                raise _LimitExceeded(f"loops over more than {RENDER_LIMITS['range_items']:,} items")
+            if i % 4096 == 0:
+                self.check_time()
+            yield value
+
+
+class _CountedRange(Sequence):
+    """A `range` whose iteration is charged to the render's budget (nested loops included)."""
+
+    def __init__(self, values: range, budget: _Budget):
+        self.values, self.budget = values, budget
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        item = self.values[index]
+        return _CountedRange(item, self.budget) if isinstance(item, range) else item
+
+    def __iter__(self) -> Iterator[int]:
+        return self.budget.count(self.values)
+
+    def __reversed__(self) -> Iterator[int]:
+        return self.budget.count(self.values[::-1])
+
+
+def _sized_binop(left: Any, operator: str, right: Any) -> Any:
+    """`*` and `**` that refuse results too big to build (e.g. `'x' * 10**9`, `9 ** 9 ** 9`)."""
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            sized = isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+            if sized and len(seq) * n > RENDER_LIMITS["chars"]:
+                raise _LimitExceeded("a repetition (`*`) builds a result that is too large")
+        return left * right
+    ints = isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0
+    if ints and right * math.log2(abs(left)) > 1e5:
+        raise _LimitExceeded("a power (`**`) builds a number that is too large")
+    return left**right
 
 
 def _raise_exception(message: str) -> None:
@@ -57,7 +132,13 @@ def _compile(source: str):
 
     from mlxsft.data.generation_tag import GenerationExtension
 
-    env = ImmutableSandboxedEnvironment(
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            return _sized_binop(left, operator, right)
+
+    env = Sandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationExtension]
     )
     env.filters["tojson"] = _tojson
@@ -99,14 +180,33 @@ class ChatTemplate:
         if self.builtin:  # built-ins write eos_token; a tokenizer without one renders ""
             variables.setdefault("eos_token", "")
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        budget = _Budget()
         try:
-            return compiled.render(
+            parts, size = [], 0
+            for part in compiled.generate(
                 messages=messages,
                 tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
+                range=budget.range,
                 **variables,
-            )
+            ):
+                parts.append(part)
+                size += len(part)
+                if size > RENDER_LIMITS["chars"]:
+                    raise _LimitExceeded(f"output over {RENDER_LIMITS['chars']:,} characters")
+                budget.check_time()
+            return "".join(parts)
+        except _LimitExceeded as exc:
+            raise TemplateRenderError(
+                f"template {self.name!r} exceeded a rendering limit: {exc}",
+                where=where,
+                hint="the template (or this row) is not a usable chat template",
+            ) from None
+        except RecursionError:
+            raise TemplateRenderError(
+                f"template {self.name!r} recursed too deeply", where=where
+            ) from None
         except jinja2.TemplateError as exc:
             message = getattr(exc, "message", None) or str(exc)
             raise TemplateRenderError(
@@ -114,9 +214,17 @@ class ChatTemplate:
                 where=where,
                 hint="fix the row or pick another --template",
             ) from None
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            AttributeError,
+            IndexError,
+            ArithmeticError,
+        ) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
             raise TemplateRenderError(
-                f"template {self.name!r} failed: {type(exc).__name__}: {exc}",
+                f"template {self.name!r} failed: {type(exc).__name__}: {first}",
                 where=where,
                 hint="the template may not support this conversation shape; try another --template",
             ) from None

@@ -242,7 +242,8 @@ def save_adapters(model: nn.Module, out_dir: str | Path, adapter_config: dict[st
             (out / name).unlink(missing_ok=True)  # a stale file of an earlier run
             continue
         tmp = out / f".{name}.tmp.safetensors"
-        mx.save_safetensors(str(tmp), part, metadata={"format": "mlx"})
+        with open(tmp, "wb") as f:  # a Python file: a full disk raises OSError (mlx's own
+            mx.save_safetensors(f, part, metadata={"format": "mlx"})  # writer does not say)
         os.replace(tmp, out / name)
     tmp_cfg = out / ".adapter_config.tmp.json"
     tmp_cfg.write_text(json.dumps(adapter_config, indent=2) + "\n")

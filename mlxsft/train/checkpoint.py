@@ -65,14 +65,18 @@ def save_checkpoint(
     from mlxsft.model.lora import save_adapters
 
     final = rundir.checkpoint_dir(out_dir, state.step)
-    tmp = rundir.temp_dir(final.parent, final.name)
-    save_adapters(model, tmp, adapter_config)
     opt_state = dict(tree_flatten(optimizer.state))
-    mx.save_safetensors(str(tmp / rundir.OPTIMIZER), opt_state)
-    state.mx_key = rng_key()
-    if fingerprint is not None:
-        rundir.write_fingerprint(tmp, fingerprint)
-    (tmp / rundir.STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
+    n_bytes = _nbytes(model.trainable_parameters()) + _nbytes(opt_state)
+    with rundir.writing(final, n_bytes):
+        tmp = rundir.temp_dir(final.parent, final.name)
+    with rundir.writing(final, n_bytes, cleanup=tmp):
+        save_adapters(model, tmp, adapter_config)
+        with open(tmp / rundir.OPTIMIZER, "wb") as f:
+            mx.save_safetensors(f, opt_state)
+        state.mx_key = rng_key()
+        if fingerprint is not None:
+            rundir.write_fingerprint(tmp, fingerprint)
+        (tmp / rundir.STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
     rundir.replace_dir(tmp, final)  # the same step saved twice: e.g. Ctrl-C right after a save
     if prune:
         rundir.prune(out_dir)
@@ -121,8 +125,10 @@ def save_best(out_dir: str | Path, model: nn.Module, adapter_config: dict[str, A
     from mlxsft.model.lora import save_adapters
 
     out = Path(out_dir)
-    tmp = rundir.temp_dir(out, rundir.BEST)
-    save_adapters(model, tmp, adapter_config)
+    with rundir.writing(out / rundir.BEST, _nbytes(model.trainable_parameters())):
+        tmp = rundir.temp_dir(out, rundir.BEST)
+    with rundir.writing(out / rundir.BEST, _nbytes(model.trainable_parameters()), cleanup=tmp):
+        save_adapters(model, tmp, adapter_config)
     return rundir.replace_dir(tmp, out / rundir.BEST)
 
 
@@ -131,7 +137,14 @@ def save_final(out_dir: str | Path, model: nn.Module, adapter_config: dict[str, 
     from mlxsft.model.lora import save_adapters
 
     out = Path(out_dir)
-    tmp = rundir.temp_dir(out, "adapter")
-    save_adapters(model, tmp, adapter_config)
+    n_bytes = _nbytes(model.trainable_parameters())
+    with rundir.writing(out / rundir.ADAPTER_WEIGHTS, n_bytes):
+        tmp = rundir.temp_dir(out, "adapter")
+    with rundir.writing(out / rundir.ADAPTER_WEIGHTS, n_bytes, cleanup=tmp):
+        save_adapters(model, tmp, adapter_config)
     rundir.publish_adapter(tmp, out)
     return out
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(tree) if isinstance(v, mx.array))

@@ -73,8 +73,9 @@ class Progress:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            with rundir.writing(self.file.name):
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
         for tracker in self.trackers:
             tracker.log(record)
 
