@@ -59,11 +59,14 @@ def build_model(config: dict) -> nn.Module:
     return model_cls(args_cls.from_dict(config))
 
 
-def load_model(path: Path, *, lazy: bool = False) -> tuple[nn.Module, dict]:
-    """Load weights and config from a local HF-format dir; never runs remote code."""
+def load_model(
+    path: Path, *, lazy: bool = False, overrides: dict | None = None
+) -> tuple[nn.Module, dict]:
+    """Load weights and config (with `overrides` applied) from a local HF-format dir; never runs
+    remote code."""
     from mlx_lm.utils import load_model as _load_model
 
-    return _load_model(Path(path), lazy=lazy, trust_remote_code=False)
+    return _load_model(Path(path), lazy=lazy, model_config=overrides, trust_remote_code=False)
 
 
 def load_tokenizer_wrapper(path: Path, eos_token_ids: Any = None) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxsft import rundir
+from mlxsft.model.files import normalize_config
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -189,6 +190,7 @@ def save_hf_model(
     leftover = [k for k in weights if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b")]
     assert not leftover, f"unfused adapter weights: {leftover[:3]}"
     save_weights(out, weights, quantized="quantization" in config, max_bytes=max_shard_bytes)
+    config = normalize_config(config)  # both RoPE spellings: every transformers version reads it
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_tokenizer(source, out)
     if adapter_dir is not None and (Path(adapter_dir) / "tokenizer.json").is_file():

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from mlxsft.errors import ModelError
+from mlxsft.model.files import (
+    check_config_values,
+    check_files,
+    check_safetensors,
+    normalize_config,
+)
 
 # Only what loading needs: never pickled weights (.bin/.pt/.pth) nor remote code (.py).
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
@@ -160,6 +166,7 @@ def check_checkpoint(path: Path) -> dict:
     """Validate a local checkpoint dir for mlx-lm (config, architecture, weights); its config."""
     from mlxsft import _mlxlm
 
+    check_files(path, HUB_PATTERNS)
     config = read_config(path)
     if "model_file" in config:
         raise ModelError(
@@ -172,19 +179,25 @@ def check_checkpoint(path: Path) -> dict:
     if not model_type:
         raise ModelError("config.json has no model_type", where=str(path / "config.json"))
     try:
+        if model_type not in supported:  # e.g. "cache": an mlx-lm module that is no model
+            raise ValueError(model_type)
         _mlxlm.model_classes(config)
-    except (ValueError, ImportError):
+    except (ValueError, ImportError, TypeError):
         raise ModelError(
             f"unsupported model_type {model_type!r}; mlx-lm supports: {', '.join(supported)}",
             where=str(path / "config.json"),
             hint="pick a model of a supported architecture",
         ) from None
+    check_config_values(config, str(path / "config.json"))
     _check_weights(path)
     return config
 
 
 def _check_weights(path: Path) -> None:
-    if any(path.glob("model*.safetensors")):
+    shards = sorted(path.glob("model*.safetensors"))
+    for shard in shards:
+        check_safetensors(shard)
+    if shards:
         return
     pickled = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLED_SUFFIXES))
     if pickled:
@@ -217,6 +230,7 @@ def load_tokenizer(model: str | Path, *, revision: str | None = None) -> Any:
 
 
 def _load_tokenizer(path: Path) -> Any:
+    check_files(path, TOKENIZER_PATTERNS)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelError(
             "no tokenizer files (tokenizer.json / tokenizer.model)",
@@ -260,9 +274,11 @@ def load(
     if quantize is not None and quantize not in QUANTIZE_BITS:
         raise ModelError(f"cannot quantize to {quantize} bits", hint="use --quantize 4 or 8")
     path = resolve_model_path(model, revision=revision)
-    check_checkpoint(path)
+    raw = check_checkpoint(path)
+    normalized = normalize_config(raw)  # e.g. RoPE theta from transformers 5's rope_parameters
+    overrides = {k: v for k, v in normalized.items() if raw.get(k) != v}
     try:
-        mlx_model, config = _mlxlm.load_model(path, lazy=lazy)
+        mlx_model, config = _mlxlm.load_model(path, lazy=lazy, overrides=overrides)
     except (ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the weights: {_redact(str(exc))}", where=str(path)) from None
     if quantize is not None:
@@ -281,7 +297,7 @@ def load(
             tokenizer_dir = Path(adapter)
             config = {**config, "vocab_size": _vocab_rows(Path(adapter), config)}
     tokenizer = _load_tokenizer(tokenizer_dir)
-    return Loaded(model=mlx_model, tokenizer=tokenizer, config=config, path=path)
+    return Loaded(model=mlx_model, tokenizer=tokenizer, config=normalize_config(config), path=path)
 
 
 def _vocab_rows(adapter: Path, config: dict) -> int:

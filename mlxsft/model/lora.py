@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlxsft import _mlxlm
 from mlxsft.errors import ModelError, UserError
+from mlxsft.model.files import check_safetensors
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DEFAULT_TARGETS = "all-linear"
@@ -254,8 +255,10 @@ def save_adapters(model: nn.Module, out_dir: str | Path, adapter_config: dict[st
 def read_adapter_weights(adapter_dir: str | Path) -> dict[str, mx.array]:
     """adapters.safetensors plus the token-row deltas (TOKEN_ROWS_FILE) when there are any."""
     d = Path(adapter_dir)
+    check_safetensors(d / "adapters.safetensors")
     weights = mx.load(str(d / "adapters.safetensors"))
     if (d / TOKEN_ROWS_FILE).is_file():
+        check_safetensors(d / TOKEN_ROWS_FILE)
         weights.update(mx.load(str(d / TOKEN_ROWS_FILE)))
     return weights
 

@@ -89,10 +89,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: optim.Optimiz
     Call before compiling the train step: the optimizer state is updated in place so any
     compiled function that captured `optimizer.state` sees it too.
     """
+    from mlxsft.model.files import check_safetensors
+
     path = Path(path)
     from mlxsft.model.lora import read_adapter_weights
 
-    weights = read_adapter_weights(path)
+    check_safetensors(path / rundir.OPTIMIZER)
+    weights = read_adapter_weights(path)  # checks its files too
     expected = dict(tree_flatten(model.trainable_parameters()))
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
         raise UserError(

@@ -85,6 +85,8 @@ def test_fuse_qlora_dequantize(tiny_llama_q4, tmp_path):
     )  # fmt: skip
     config = json.loads((out / "config.json").read_text())
     assert "quantization" not in config
+    # both RoPE spellings, so transformers 4 and 5 and mlx-lm all read the same theta
+    assert config["rope_parameters"]["rope_theta"] == config["rope_theta"]
     from safetensors.numpy import load_file
 
     weights = load_file(out / "model.safetensors")
