@@ -392,12 +392,12 @@ def read_conversation(path: str | Path) -> Example:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    text = file.read_text(encoding="utf-8").strip()
+    data = file.read_bytes().removeprefix(b"\xef\xbb\xbf").strip()
     where = f"{file}:1"
-    try:
-        row = json.loads(text) if file.suffix == ".json" else json.loads(text.split("\n")[0])
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where=where) from None
+    text = _decode(data if file.suffix == ".json" else data.split(b"\n")[0], file)
+    row = text if isinstance(text, DataError) else _parse(text, where)
+    if isinstance(row, DataError):
+        raise row
     row = {"messages": row} if isinstance(row, list) else row
     if not isinstance(row, dict):
         raise _unknown_row(row, where)
