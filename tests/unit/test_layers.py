@@ -32,6 +32,7 @@ MODULES = {
     "mlxsft.errors": "base",
     "mlxsft.config": "base",
     "mlxsft.blas": "base",
+    "mlxsft.rundir": "base",  # names and reads/writes the files of a run directory (no mlx)
     "mlxsft._mlxlm": "mlxlm",
     "mlxsft.demo_model": "model",  # tiny checkpoints for the demo and the tests
     "mlxsft.cli": "commands",
