@@ -68,9 +68,11 @@ class _InterruptAt:
     def __init__(self, step: int, total: int):
         self.marker = f"step {step}/{total} "
         self.sent = False
+        self.text = ""
 
     def write(self, text: str) -> None:
         sys.stderr.write(text)
+        self.text += text
         if not self.sent and self.marker in text:
             self.sent = True
             os.kill(os.getpid(), signal.SIGINT)
@@ -106,15 +108,27 @@ def test_resume_from_checkpoint_dir_equals_straight(straight, tiny_llama, data_f
     assert max(mx.abs(v).max().item() for k, v in _weights(out).items() if "lora_b" in k) > 1e-3
 
 
-def test_ctrl_c_saves_then_resume_auto_equals_straight(straight, tiny_llama, data_file, tmp_path):
+def test_ctrl_c_saves_then_resume_auto_equals_straight(
+    straight, tiny_llama, data_file, tmp_path, capsys
+):
     out = tmp_path / "run"
+    stream = _InterruptAt(2, 6)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tiny_llama, data_file, out, save_every=0), stream=_InterruptAt(2, 6))
+        train(_cfg(tiny_llama, data_file, out, save_every=0), stream=stream)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    assert f"resume with: mlxsft train -c {out / 'config.yaml'} --resume auto" in stream.text
     # Ctrl-C also writes the top-level adapter of the last step (usable at once)
     interrupted = _weights(out)
     step2 = mx.load(str(out / "checkpoints" / "step-0000002" / "adapters.safetensors"))
     assert _max_diff(interrupted, step2) == 0
+    # --adapter RUN_DIR without a top-level adapter: its newest checkpoint, said in one line
+    from mlxsft.model.loading import load
+
+    (out / "adapter_config.json").rename(out / "hidden.json")
+    loaded = load(str(tiny_llama), adapter=str(out))
+    assert "using its latest checkpoint" in capsys.readouterr().err
+    assert loaded.model is not None
+    (out / "hidden.json").rename(out / "adapter_config.json")
     train(_cfg(tiny_llama, data_file, out, save_every=0, resume="auto"))
     assert _max_diff(_weights(out), _weights(straight)) <= 1e-6
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
