@@ -49,6 +49,14 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:  # a full disk or a permission problem anywhere: one line too
+            from mlxsft.rundir import write_error
+
+            error = write_error(exc, exc.filename or "", run=False)
+            if error is None or os.environ.get("MLXSFT_DEBUG"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -177,9 +177,11 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_PERMISSION = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def write_error(exc: OSError, path: str | Path, n_bytes: int | None = None) -> UserError | None:
+def write_error(
+    exc: OSError, path: str | Path, n_bytes: int | None = None, *, run: bool = True
+) -> UserError | None:
     """A full disk or a permission problem as one line naming the path (and the bytes needed);
-    None for other errors (they are bugs, not the user's)."""
+    None for other errors (they are bugs, not the user's). `run`: writing a run directory."""
     where = str(exc.filename or path)
     if exc.errno in _NO_SPACE:
         try:
@@ -188,6 +190,9 @@ def write_error(exc: OSError, path: str | Path, n_bytes: int | None = None) -> U
         except OSError:
             have = ""
         need = f" (needs about {_size(n_bytes)}{have})" if n_bytes else ""
+        if not run:
+            return UserError(f"no space left on the device{need}", where=where,
+                             hint="free some space or write somewhere else")  # fmt: skip
         return UserError(
             f"no space left on the device{need}; the files written before are intact",
             where=where,
@@ -195,9 +200,11 @@ def write_error(exc: OSError, path: str | Path, n_bytes: int | None = None) -> U
         )
     if exc.errno in _NO_PERMISSION:
         return UserError(
-            f"cannot write here: {os.strerror(exc.errno or 0).lower()}",
+            f"cannot write here: {os.strerror(exc.errno or 0).lower()}"
+            if run
+            else os.strerror(exc.errno or 0).lower(),
             where=where,
-            hint="pass a writable --output",
+            hint="pass a writable --output" if run else "check the path and its permissions",
         )
     return None
 

@@ -54,13 +54,18 @@ def save_weights(
 
     shards = shard_weights(weights, max_bytes)
     metadata = {"format": "mlx" if quantized else "pt"}
+
+    def write(name: str, shard: dict[str, Any]) -> None:
+        with open(out / name, "wb") as f:  # a Python file: a full disk raises (mlx's does not)
+            mx.save_safetensors(f, shard, metadata=metadata)
+
     if len(shards) == 1:
-        mx.save_safetensors(str(out / "model.safetensors"), shards[0], metadata=metadata)
+        write("model.safetensors", shards[0])
         return ["model.safetensors"]
     names, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out / name), shard, metadata=metadata)
+        write(name, shard)
         weight_map.update({k: name for k in shard})
         names.append(name)
     index = {

@@ -32,7 +32,9 @@ class DivergenceWatch:
     ):
         self.ln_vocab = math.log(max(vocab_size, 2))
         self.patience, self.explode, self.min_history = patience, explode, min_history
-        self.margin = margin
+        # "clearly lower": by 10% of ln(vocab) (at least 0.5 nats), so that a random model
+        # hovering around ln(vocab) never counts as having learned and then diverged
+        self.margin = max(margin * self.ln_vocab, 0.5)
         self.best_loss = math.inf
         self.high_since: int | None = None  # first step of the current run of losses >= ln V
         self.n_high = 0
@@ -79,7 +81,7 @@ class DivergenceWatch:
 
     def finish(self) -> str | None:
         """At the end of the run: a loss still stuck at ln(vocab) is a divergence too."""
-        if self.high_since is None:
+        if self.high_since is None or self.n_high < 2:
             return None
         return self._bad(
             self.high_since,

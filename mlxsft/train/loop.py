@@ -132,6 +132,14 @@ class _Run:
         self.state = ckpt.TrainState()
         if self.resume_from is not None:
             self.state = ckpt.load_checkpoint(self.resume_from, self.model, self.optimizer)
+            n_batches = len(self._plans_for(self.state.epoch))
+            if self.state.batch_index >= n_batches:  # only without a fingerprint (older mlxsft)
+                raise UserError(
+                    f"the checkpoint continues at batch {self.state.batch_index} of epoch "
+                    f"{self.state.epoch}, but this data has {n_batches} batches per epoch",
+                    where=str(self.resume_from),
+                    hint="resume with the data and settings of that run",
+                )
         _decorrelate_ranks(world)
         self.elapsed_before = self.state.elapsed_s
         if world.is_main:
@@ -405,7 +413,7 @@ def train(cfg: TrainConfig, *, stream: Any = None) -> TrainResult:
     with _locked(cfg.output, world) as stale:
         run = _Run(cfg, world, stream)
         if stale:
-            run.cleaned.insert(0, f"{cfg.output}: {stale} had not released it (killed?)")
+            run.cleaned.insert(0, f"{cfg.output}: the earlier {stale} ended without cleaning up")
         return run.run()
 
 

@@ -55,3 +55,21 @@ def test_write_error_in_a_checkpoint(code, message, tiny_llama, data_file, tmp_p
     )
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_full_disk_in_any_command_is_one_line(tmp_path, monkeypatch):
+    from mlxsft import report
+
+    def full(metrics, output, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(output))
+
+    monkeypatch.setattr(report, "render_png", full)
+    rows = [{"type": "train", "step": s, "loss": 1.0 / s, "lr": 1e-3} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = tmp_path / "r.png"
+    result = CliRunner().invoke(main, ["report", str(tmp_path), "-o", str(png)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {png}: no space left on the device (hint: free some space or write somewhere else)"
+    ], result.output

@@ -39,6 +39,8 @@ def test_a_spike_that_recovers_is_not_divergence():
 
 def test_a_random_model_above_ln_vocab_is_not_divergence_until_it_goes_dead():
     assert _run([LN_V + 0.4] * 10) == (None, None, None)  # a random init is worse than uniform
+    # hovering around ln(vocab) is not "having been lower": the drop must be clear (0.5 nats)
+    assert _run([LN_V + 0.2, LN_V - 0.3, LN_V, LN_V, LN_V]) == (None, None, None)
     dead = [LN_V + 0.4] + [LN_V] * 6
     step, first, _ = _run(dead, [4.0] + [0.0] * 6, patience=5)
     assert (step, first) == (6, 2)
