@@ -15,6 +15,7 @@ from typing import Any
 
 from mlxsft import rundir
 from mlxsft.model.files import normalize_config
+from mlxsft.rundir import ADAPTER_CONFIG
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -132,8 +133,8 @@ def model_card(
 ) -> str:
     """README.md text: YAML header for the Hub, then base model, data, config, metrics."""
     adapter_cfg: dict[str, Any] = {}
-    if adapter_dir is not None and (adapter_dir / "adapter_config.json").is_file():
-        adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    if adapter_dir is not None and (adapter_dir / ADAPTER_CONFIG).is_file():
+        adapter_cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     train_cfg = rundir.read_config(adapter_dir)
     kind = adapter_cfg.get("fine_tune_type", "lora")
     lines = [

@@ -20,6 +20,7 @@ from mlxsft.model.peft import (
     read_adapter_json,
     save_tensors,
 )
+from mlxsft.rundir import ADAPTER_CONFIG
 
 
 def _run_model(adapter_dir: Path) -> str | None:
@@ -35,7 +36,7 @@ def convert_mlx_to_peft(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(PEFT weights, PEFT adapter_config) for an mlx-lm style LoRA/DoRA adapter dir."""
     d = Path(adapter_dir)
-    cfg = read_adapter_json(d / "adapter_config.json")
+    cfg = read_adapter_json(d / ADAPTER_CONFIG)
     kind = cfg.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise UserError(

@@ -21,6 +21,7 @@ from mlxsft.model.files import (
     check_safetensors,
     normalize_config,
 )
+from mlxsft.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # Only what loading needs: never pickled weights (.bin/.pt/.pth) nor remote code (.py).
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
@@ -321,7 +322,7 @@ def _load_adapter(model: Any, adapter: Path) -> Any:
     if note:
         print(note, file=sys.stderr)
     adapter = ensure_mlx_adapter(adapter)
-    for name in ("adapter_config.json", "adapters.safetensors"):
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (adapter / name).is_file():
             raise ModelError(
                 f"not an adapter directory: no {name}",

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxsft import _mlxlm
 from mlxsft.errors import ModelError, UserError
 from mlxsft.model.files import check_safetensors
+from mlxsft.rundir import ADAPTER_CONFIG
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DEFAULT_TARGETS = "all-linear"
@@ -248,7 +249,7 @@ def save_adapters(model: nn.Module, out_dir: str | Path, adapter_config: dict[st
         os.replace(tmp, out / name)
     tmp_cfg = out / ".adapter_config.tmp.json"
     tmp_cfg.write_text(json.dumps(adapter_config, indent=2) + "\n")
-    os.replace(tmp_cfg, out / "adapter_config.json")
+    os.replace(tmp_cfg, out / ADAPTER_CONFIG)
     return out
 
 
@@ -264,7 +265,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, mx.array]:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / "adapter_config.json"
+    path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():
         raise ModelError(f"no adapter_config.json in {adapter_dir}", hint="pass an adapter dir")
     return json.loads(path.read_text())
