@@ -318,6 +318,8 @@ class _Run:
         state.batch_index += 1
         if state.batch_index == len(self.plans):
             state.epoch, state.batch_index = state.epoch + 1, 0
+        # Host values only (no extra sync): if steps stop syncing every step, observe each step's
+        # values when they are fetched (log interval) and before any save().
         reason = self.watch.observe(state.step, loss, self.step_fn.last_grad_norm)
         if reason:
             self.progress.close()
