@@ -214,9 +214,9 @@ def run_template(adapter: str | Path | None, tokenizer: Any, echo: Any = print) 
     tokenizer (a built-in's source, the tokenizer's own, a .jinja file); None without a run config
     (then the model's own template is used)."""
     from mlxsft.data.templates import resolve_template
-    from mlxsft.export.hf import read_train_config
+    from mlxsft.rundir import read_config
 
-    spec = read_train_config(Path(adapter)).get("template") if adapter is not None else None
+    spec = read_config(adapter).get("template") if adapter is not None else None
     if not isinstance(spec, str):
         return None
     try:
