@@ -36,6 +36,10 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+TOKEN_ROWS = "token_rows.safetensors"  # trained rows of added tokens (--add-chat-tokens), if any
+# the tokenizer saved beside the adapter when --add-chat-tokens grew it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")  # fmt: skip
 BEST = "best"
 CHECKPOINTS = "checkpoints"
 OPTIMIZER = "optimizer.safetensors"
@@ -139,7 +143,11 @@ def publish_adapter(tmp: Path, out: Path) -> None:
     beside an old config of another rank or type.
     """
     (out / ADAPTER_CONFIG).unlink(missing_ok=True)
-    os.replace(tmp / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+    if not (tmp / TOKEN_ROWS).is_file():
+        (out / TOKEN_ROWS).unlink(missing_ok=True)  # an earlier adapter's
+    for path in tmp.iterdir():
+        if path.name != ADAPTER_CONFIG:
+            os.replace(path, out / path.name)
     os.replace(tmp / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
     shutil.rmtree(tmp, ignore_errors=True)
 

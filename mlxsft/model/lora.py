@@ -25,12 +25,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxsft import _mlxlm
 from mlxsft.errors import ModelError, UserError
 from mlxsft.model.files import check_safetensors
-from mlxsft.rundir import ADAPTER_CONFIG
+from mlxsft.rundir import ADAPTER_CONFIG, TOKEN_ROWS
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 DEFAULT_TARGETS = "all-linear"
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
-TOKEN_ROWS_FILE = "token_rows.safetensors"
+TOKEN_ROWS_FILE = TOKEN_ROWS  # named by rundir, which moves adapter files
 
 
 def _dims(linear: nn.Module) -> tuple[int, int]:

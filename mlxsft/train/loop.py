@@ -231,8 +231,9 @@ class _Run:
         rundir.prune(self.out, keep=0)
         if (self.out / rundir.BEST).is_dir():
             rundir.remove_dir(self.out / rundir.BEST)
-        (self.out / rundir.ADAPTER_CONFIG).unlink(missing_ok=True)
-        (self.out / rundir.ADAPTER_WEIGHTS).unlink(missing_ok=True)
+        for name in (rundir.ADAPTER_CONFIG, rundir.ADAPTER_WEIGHTS, rundir.TOKEN_ROWS,
+                     *rundir.TOKENIZER_FILES):  # fmt: skip
+            (self.out / name).unlink(missing_ok=True)
 
     def _memory_warning(self) -> str | None:
         """`mlxsft plan`'s one-line warning when the estimated peak exceeds the memory budget."""
