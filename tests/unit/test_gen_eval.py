@@ -101,7 +101,8 @@ def test_greedy_reply_matches_generate(tiny_llama):
 
 
 def test_train_logs_generation_eval(tiny_llama, data_file, tmp_path):
-    from mlxsft.report import read_metrics, render_terminal_chart
+    from mlxsft.report import render_terminal_chart
+    from mlxsft.rundir import read_metrics
     from mlxsft.train.loop import train
 
     lines: list[str] = []
