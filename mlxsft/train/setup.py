@@ -268,7 +268,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         pack,
         notes,
         template,
-        data_sha256(cfg.data),
+        data_sha256=data_sha256(cfg.data),
     )
     prepared.tokenizer_changed = bool(cfg.add_chat_tokens)
     if prompt_rows:
