@@ -252,11 +252,6 @@ def vocab_size(model: nn.Module) -> int:
     return int(rows) if rows is not None else int(module.weight.shape[0])
 
 
-def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks, in order (what gradient checkpointing wraps)."""
-    return list(model.layers)
-
-
 def lm_head(model: nn.Module, h: mx.array) -> mx.array:
     """Logits (..., V) from final hidden states (..., D): tied or untied, gemma2 soft-capping."""
     module, tied, cap = output_head(model)

@@ -240,7 +240,7 @@ def enable_grad_checkpoint(model: nn.Module) -> nn.Module:
     only: each block instance's `__class__` becomes a checkpointing subclass of its class (one
     cached subclass per class); the class itself and every other instance are untouched.
     Call before the first train step (tracing bakes in the layer code)."""
-    for layer in _mlxlm.transformer_layers(model):
+    for layer in _mlxlm.transformer_blocks(model):
         base = type(layer)
         if getattr(base, "_mlxsft_checkpointed", False):
             continue

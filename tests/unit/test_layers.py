@@ -1,10 +1,10 @@
 """Import rules of the package, read from the source (ast; nothing is imported).
 
 Layers point only down: commands -> recipes -> engine -> model -> data, with `_mlxlm` (the mlx-lm
-boundary) under model/ and `base` (errors, config) under everything. A module may import modules
-of its own layer or of lower ones; lazy imports inside functions count too. Recipes are the
-modules behind one user-facing operation; they are named here one by one, so the folders need
-not move. Besides the layers:
+boundary) under model/ and `base` (errors, config, rundir, blas) under everything. A module may
+import modules of its own layer or of lower ones; lazy imports inside functions count too.
+Recipes are the modules behind one user-facing operation; they are named here one by one, so the
+folders need not move. Besides the layers:
 - `data/` and `base` never import mlx, mlx-lm or transformers;
 - only `_mlxlm` imports mlx-lm, and only `_mlxlm` and `model/loading` import transformers;
 - only `_mlxlm` reads mlx-lm model internals (`embed_tokens`, `lm_head`, `layers`);
