@@ -28,7 +28,6 @@ from mlx.utils import tree_flatten
 
 from mlxsft import _mlxlm
 
-LOSSES = ("selective", "full")
 # Below this vocabulary the logits are no bigger than one layer's activations, so selection saves
 # little, while each trained-token bucket costs a compilation: `choose_loss` uses "full" there.
 SELECTIVE_MIN_VOCAB = 8192
