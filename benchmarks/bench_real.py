@@ -155,8 +155,7 @@ def memory_rows(cache: Path, lengths: list[int]) -> list[str]:
         for ckpt in (False, True):
             out = cache / "bench-out" / f"mem-{L}-{int(ckpt)}"
             shutil.rmtree(out, ignore_errors=True)
-            flags = ["--batch-size", "1", "--max-seq-len", str(L), "--iters", "1", "--pack",
-                     "--rank", "8", "--eval-every", "0", "--save-every", "0"]  # fmt: skip
+            flags = ["--batch-size", "1", "--max-seq-len", str(L), "--pack", "--rank", "8"]
             flags += ["--grad-checkpoint"] if ckpt else []
             base = [sys.executable, "-m", "mlxsft"]
             plan = subprocess.run([*base, "plan", "-m", str(model), "-d", str(data), *flags],
@@ -167,8 +166,9 @@ def memory_rows(cache: Path, lengths: list[int]) -> list[str]:
                 rows.append(f"| {L} | {yes} | not run (would not fit) | {est:.2f} GB | |")
                 continue
             print(f"[memory] {L} tokens, grad checkpoint {ckpt} ...", flush=True)
+            once = ["--iters", "1", "--eval-every", "0", "--save-every", "0"]
             subprocess.run([*base, "train", "-m", str(model), "-d", str(data), "-o", str(out),
-                            *flags], check=True, capture_output=True, env=_env())  # fmt: skip
+                            *flags, *once], check=True, capture_output=True, env=_env())  # fmt: skip
             rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             peak = max(x["peak_memory_gb"] for x in rec if x.get("type") == "train")
             rows.append(f"| {L} | {yes} | {peak:.2f} GB | {est:.2f} GB | {est / peak:.2f} |")
@@ -199,6 +199,7 @@ def main() -> int:
     ap.add_argument("--cache", default="/work/cache", help="models, data and outputs go here")
     ap.add_argument("--parts", nargs="*", default=["train", "memory"])
     ap.add_argument("--only", nargs="*", help="setting labels to run (default: all)")
+    ap.add_argument("--lengths", nargs="*", type=int, help="memory part: row lengths")
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,7 @@ def main() -> int:
             print("\n".join(rows), flush=True)
             lines += rows
     if "memory" in args.parts:
-        rows = memory_rows(cache, [2048] if args.quick else [2048, 4096])
+        rows = memory_rows(cache, args.lengths or ([2048] if args.quick else [2048, 4096]))
         print("\n".join(rows), flush=True)
         lines += rows
     lines.append(f"\nload average at the end {os.getloadavg()[0]:.1f}; "
