@@ -24,15 +24,19 @@ def test_resume_after_kill_9(tiny_llama, tmp_path):
                           {"role": "assistant", "content": f"a{i}"}]} for i in range(8)]  # fmt: skip
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
-    args = ["train", "-m", str(tiny_llama), "-d", str(data), "-o", str(out), "--iters", "12",
+    args = ["train", "-m", str(tiny_llama), "-d", str(data), "-o", str(out), "--iters", "200",
             "--batch-size", "2", "--max-seq-len", "32", "--save-every", "1"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLXSFT_NO_BLAS_PRELOAD": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mlxsft", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step-0000002").is_dir() and proc.poll() is None:
+    # 200 steps, each saved: long enough on an idle machine that the kill lands mid-run (a run of
+    # 12 steps could finish, and prune step 2, between two polls).
+    ckpts = out / "checkpoints"
+    while not (ckpts.is_dir() and list(ckpts.glob("step-*"))) and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     (out / "checkpoints" / ".tmp-step-0000099-1").mkdir()  # as if killed while saving
@@ -42,5 +46,5 @@ def test_resume_after_kill_9(tiny_llama, tmp_path):
     assert "ended without cleaning up" in result.output
     assert "removed" in result.output and ".tmp-step-0000099-1" in result.output
     assert "resuming from" in result.output
-    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-0000012"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step-0000200"
     assert (out / "adapters.safetensors").is_file() and not list(out.glob(".tmp-*"))
