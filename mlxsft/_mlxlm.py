@@ -93,6 +93,20 @@ def dequantize(model: nn.Module) -> nn.Module:
     return dequantize_model(model)
 
 
+def dense_weight(module: nn.Module) -> mx.array:
+    """The float weight of a Linear / Embedding ((out, in) or (V, D)), dequantized when needed."""
+    if hasattr(module, "bits"):
+        return mx.dequantize(
+            module.weight,
+            module.scales,
+            module.get("biases"),
+            group_size=module.group_size,
+            bits=module.bits,
+            mode=getattr(module, "mode", "affine"),
+        )
+    return module.weight
+
+
 def is_quantized(model: nn.Module) -> bool:
     """True when any layer of `model` is quantized (QLoRA territory)."""
     return any(hasattr(m, "bits") for _, m in model.named_modules())

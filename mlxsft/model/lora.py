@@ -41,20 +41,6 @@ def _dims(linear: nn.Module) -> tuple[int, int]:
     return in_dims, out_dims
 
 
-def _dense_weight(linear: nn.Module) -> mx.array:
-    """The (out, in) weight of `linear`, dequantized when needed."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(
-            linear.weight,
-            linear.scales,
-            linear.get("biases"),
-            group_size=linear.group_size,
-            bits=linear.bits,
-            mode=linear.mode,
-        )
-    return linear.weight
-
-
 class LoRALinear(nn.Module):
     """y = linear(x) + scale * (dropout(x) @ lora_a) @ lora_b."""
 
@@ -78,7 +64,7 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_a @ self.lora_b).T
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        weight = _dense_weight(self.linear)
+        weight = _mlxlm.dense_weight(self.linear)
         return _new_linear(self.linear, weight + self.delta().astype(weight.dtype), dequantize)
 
 
@@ -87,10 +73,10 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float = 0.0):
         super().__init__(linear, rank, scale, dropout)
-        self.m = mx.linalg.norm(_dense_weight(linear).astype(mx.float32), axis=1)  # (out,)
+        self.m = mx.linalg.norm(_mlxlm.dense_weight(linear).astype(mx.float32), axis=1)  # (out,)
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = _dense_weight(self.linear)  # (out, in)
+        w = _mlxlm.dense_weight(self.linear)  # (out, in)
         y = x @ w.T
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         out = y + (self.scale * z).astype(x.dtype)
@@ -101,7 +87,7 @@ class DoRALinear(LoRALinear):
         return out
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
-        weight = _dense_weight(self.linear)
+        weight = _mlxlm.dense_weight(self.linear)
         weight = weight + self.delta().astype(weight.dtype)
         weight = (self.m / mx.linalg.norm(weight, axis=1))[:, None].astype(weight.dtype) * weight
         return _new_linear(self.linear, weight, dequantize)

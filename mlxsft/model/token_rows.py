@@ -43,20 +43,6 @@ MIN_TWINS = 2
 SMALL_NORM = 0.5
 
 
-def _dense(module: nn.Module) -> mx.array:
-    """The (V, D) float weight of an Embedding / Linear, dequantized when needed."""
-    if hasattr(module, "bits"):
-        return mx.dequantize(
-            module.weight,
-            module.scales,
-            module.get("biases"),
-            group_size=module.group_size,
-            bits=module.bits,
-            mode=getattr(module, "mode", "affine"),
-        )
-    return module.weight
-
-
 def _shape(module: nn.Module) -> tuple[int, int]:
     vocab, dim = module.weight.shape
     if hasattr(module, "bits"):
@@ -95,7 +81,7 @@ class _TokenRows(nn.Module):
         return head, [self.delta], int(self._lut.shape[0])
 
     def _fused_weight(self, base: nn.Module) -> mx.array:
-        w = _dense(base)
+        w = _mlxlm.dense_weight(base)
         idx = mx.array(self.indices)
         return w.at[idx].add(self.delta.astype(w.dtype))
 
@@ -215,7 +201,7 @@ def delta_key(module: str) -> str:
 
 def base_rows(model: nn.Module, module: str, indices: list[int]) -> mx.array:
     """(n, D) float32 base rows of the "embedding" or the "head" (through any wrapper)."""
-    return _dense(_matrix(model, module))[mx.array(indices)].astype(mx.float32)
+    return _mlxlm.dense_weight(_matrix(model, module))[mx.array(indices)].astype(mx.float32)
 
 
 def values_to_deltas(
@@ -263,7 +249,7 @@ def check_rows(model: nn.Module, ids: list[int], tokenizer: Any = None) -> list[
     """A RowCheck per id and matrix (embedding; also the head when untied); see TWIN_COS."""
     out = []
     for module in [EMBEDDING] + ([] if is_tied(model) else [HEAD]):
-        w = _dense(_matrix(model, module)).astype(mx.float32)  # (V, D)
+        w = _mlxlm.dense_weight(_matrix(model, module)).astype(mx.float32)  # (V, D)
         norms = mx.linalg.norm(w, axis=1)  # (V,)
         unit = w / mx.maximum(norms, 1e-12)[:, None]
         cos = unit[mx.array(ids)] @ unit.T  # (n, V)
@@ -300,7 +286,7 @@ def _grow(module: nn.Module, rows: int) -> nn.Module:
     ones the mean of the existing rows; frozen. Existing rows (packed, if quantized) are kept
     bit for bit: a quantized row only depends on its own groups."""
     vocab, dim = _shape(module)
-    dense = _dense(module)
+    dense = _mlxlm.dense_weight(module)
     mean = dense.astype(mx.float32).mean(axis=0, keepdims=True)  # (1, D)
     extra = mx.broadcast_to(mean, (rows - vocab, dim)).astype(dense.dtype)  # (n_new, D)
     quantized = hasattr(module, "bits")

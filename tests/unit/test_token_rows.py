@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlxsft import _mlxlm
 from mlxsft.config import resolve
 from mlxsft.model import token_rows
 from mlxsft.model.loading import load
@@ -47,7 +48,7 @@ def _cfg(model: Path, data: Path, out: Path, **kw):
 
 
 def _dense(module) -> np.ndarray:
-    return np.array(token_rows._dense(module).astype(mx.float32))
+    return np.array(_mlxlm.dense_weight(module).astype(mx.float32))
 
 
 def test_forward_with_hand_set_deltas_is_exact(tiny_llama):
