@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # test_gguf_forward.gguf_forward: NumPy reading
-DTYPES = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
+from mlxsft.config import GGUF_DTYPES as DTYPES  # noqa: E402  (every --dtype the exporter offers)
+
 PROMPT = "What is the capital of France?"
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "models" / "smollm2-135m-instruct-mlx-q4"
 

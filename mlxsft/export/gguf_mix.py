@@ -16,6 +16,7 @@ llama-quantize's choices for a dense model (re-derived from llama.cpp's `llama-q
 
 from __future__ import annotations
 
+from mlxsft.config import GGUF_DTYPES
 from mlxsft.model.gguf_quants import (
     BLOCKS,
     GGML_F16,
@@ -31,7 +32,7 @@ from mlxsft.model.gguf_quants import (
 
 # --dtype -> llama_ftype (general.file_type)
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-DTYPES = tuple(FILE_TYPE)
+assert set(FILE_TYPE) == set(GGUF_DTYPES)  # config.py owns the --dtype choices
 _DEFAULT = {"q4_0": GGML_Q4_0, "q4_k_m": GGML_Q4_K, "q5_k_m": GGML_Q5_K, "q6_k": GGML_Q6_K}
 _FALLBACK = {GGML_Q4_K: GGML_Q5_0, GGML_Q5_K: GGML_Q5_1, GGML_Q6_K: GGML_Q8_0}
 
@@ -80,7 +81,7 @@ def tensor_types(
 ) -> dict[str, int]:
     """{llama.cpp tensor name: ggml type} for (name, NumPy shape) pairs and `--dtype`."""
     if dtype not in FILE_TYPE:
-        raise ValueError(f"unknown GGUF dtype {dtype!r}: one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown GGUF dtype {dtype!r}: one of {', '.join(GGUF_DTYPES)}")
     names = {n for n, _ in tensors}
     tied = "output.weight" not in names
     n_layer = int(config["num_hidden_layers"])

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mlxsft.config import GGUF_DTYPES
 from mlxsft.errors import ModelError
-from mlxsft.export.gguf_mix import DTYPES, FILE_TYPE, tensor_types
+from mlxsft.export.gguf_mix import FILE_TYPE, tensor_types
 from mlxsft.export.gguf_vocab import pre_tokenizer_type, vocab_metadata
 from mlxsft.model import gguf
 from mlxsft.model.gguf_in import (  # noqa: F401
@@ -161,8 +162,8 @@ def write_model_gguf(
     comes from `tokenizer_dir`, the chat template too unless `chat_template` is given. With
     `tokenizer` (the loaded HF tokenizer) a byte-level vocabulary's `tokenizer.ggml.pre` is chosen
     by how it actually splits text."""
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown GGUF dtype {dtype!r}", hint=f"one of {sorted(DTYPES)}")
+    if dtype not in GGUF_DTYPES:
+        raise ModelError(f"unknown GGUF dtype {dtype!r}", hint=f"one of {list(GGUF_DTYPES)}")
     meta = model_metadata(config, name or Path(tokenizer_dir).name, dtype)
     tensors = model_tensors(weights, config, dtype)
     n_vocab = weights["model.embed_tokens.weight"].shape[0]
