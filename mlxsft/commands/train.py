@@ -151,10 +151,18 @@ def next_steps(model: str | None, out: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(split, as_json, **flags) -> None:
     """Loss, perplexity and token count of MODEL [+ ADAPTER] on DATA, masked as in training."""
+    import signal
+
     from mlxsft.train.evaluate import evaluate_model
 
-    click.echo("eval: loading the model and encoding the data ...", err=True)
-    result = evaluate_model(C.resolve(flags), split=split, on_batch=_eval_progress())
+    # eval writes nothing, so Ctrl-C ends it at once (the default action, exit status 130)
+    # instead of after the batch in flight: Python's own handler only runs between MLX calls.
+    old = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    click.echo("eval: loading the model and encoding the data (Ctrl-C stops) ...", err=True)
+    try:
+        result = evaluate_model(C.resolve(flags), split=split, on_batch=_eval_progress())
+    finally:
+        signal.signal(signal.SIGINT, old)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -238,3 +238,28 @@ def test_train_says_what_it_uses_and_warns(tiny_llama_base, tmp_path):
     assert "template: alpaca (built-in; the model has no chat template)" in result.output
     assert "leaves out the tool" not in result.output  # alpaca renders tool turns
     assert yaml.safe_load((out / "config.yaml").read_text())["template"] == "alpaca"
+
+
+def test_eval_ctrl_c_stops_at_once(tiny_llama, tmp_path):
+    """Ctrl-C during `mlxsft eval` ends the process by the signal's default action, not after the
+    batch in flight (a Python handler would only run once the MLX call returns)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "big.jsonl"
+    data.write_text("\n".join(_row(q, a) for q, a in TASKS * 400) + "\n")  # 3,200 batches of 1
+    cmd = [sys.executable, "-m", "mlxsft", "eval", "-m", str(tiny_llama), "-d", str(data),
+           "--batch-size", "1", "--max-seq-len", "64"]  # fmt: skip
+    env = {**os.environ, "MLXSFT_NO_BLAS_PRELOAD": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # wait until batches are running (a line at about every 10%)
+        if line.startswith("eval: batch"):
+            break
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == -signal.SIGINT, "eval finished or caught Ctrl-C itself"
+    assert time.perf_counter() - sent < 10
