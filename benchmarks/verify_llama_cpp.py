@@ -22,8 +22,10 @@ llama.cpp and reports:
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))  # test_gguf_forward.gguf_forward: NumPy reading
+sys.path.insert(0, str(ROOT / "tests"))  # _export_utils, which test_gguf_forward imports
 from mlxsft.config import GGUF_DTYPES as DTYPES  # noqa: E402  (every --dtype the exporter offers)
 
 PROMPT = "What is the capital of France?"
@@ -56,11 +59,16 @@ def mlxsft_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def check(llama_cpp, path: Path, tokenizer, ids: list[int], ref: list[int], n: int):
-    """One exported file: (tokenization ok, leading tokens equal to mlxsft's, logit max diff)."""
+def check(path: Path, model_dir: Path, ids: list[int], ref: list[int], n: int):
+    """One exported file: (tokenization ok, leading tokens equal to mlxsft's, logit max diff).
+    Runs in a child process (see `main`), so a crash inside llama.cpp loses one row only."""
+    import llama_cpp
     from test_gguf_forward import gguf_forward
 
     from mlxsft.export.gguf_vocab import PRE_PROBES
+    from mlxsft.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
 
     llm = llama_cpp.Llama(str(path), n_ctx=512, logits_all=True, verbose=False, seed=0)
     tok_ok = all(
@@ -87,11 +95,12 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("/work/cache/llama-cpp-check"))
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
     args = ap.parse_args()
     if args.install:
         subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=True)
     try:
-        import llama_cpp
+        import llama_cpp  # noqa: F401  (used in the child processes)
     except ImportError:
         print("llama-cpp-python is not installed: rerun with --install (a ~50 minute build)")
         return 2
@@ -117,7 +126,7 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|")
     ok = True
-    for dtype in DTYPES:
+    for dtype in args.dtypes:
         path = args.out / f"model-{dtype}.gguf"
         argv = ["export", "--model", str(model_dir), "--format", "gguf", "--output", str(path)]
         result = CliRunner().invoke(cli, [*argv, "--dtype", dtype])
@@ -128,8 +137,10 @@ def main() -> int:
         _, tensors = gguf.read_gguf(path, dequantize_all=False)
         kinds = sorted({gguf.TYPE_NAMES[t.ggml_type] for t in tensors.values()})
         try:
-            tok_ok, same, diff = check(llama_cpp, path, tokenizer, ids, ref, args.tokens)
-        except Exception as exc:  # a file llama.cpp refuses: report it, go on
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                job = pool.submit(check, path, model_dir, ids, ref, args.tokens)
+                tok_ok, same, diff = job.result()
+        except Exception as exc:  # a file llama.cpp refuses, or a crash in it: report, go on
             print(f"| {dtype} | llama.cpp failed: {type(exc).__name__}: {exc} |")
             ok = False
             continue
