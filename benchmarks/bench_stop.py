@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 SETTINGS = {  # task -> (train flags, --train-tokens variants)
     "story": (
-        ["--template", "alpaca", "--iters", "150", "--batch-size", "8", "--learning-rate", "3e-3",
+        ["--template", "alpaca", "--iters", "600", "--batch-size", "8", "--learning-rate", "3e-3",
          "--max-seq-len", "256", "--eval-max-tokens", "32"],
         ["none", "auto"],
     ),
@@ -52,7 +52,7 @@ def run(task: str, model: str, work: Path, n_prompts: int, extra: list[str]) -> 
             "--eval-num-prompts", str(n_prompts), "--save-every", "0", *flags, *extra,
         ]  # fmt: skip
         iters = int(flags[flags.index("--iters") + 1])
-        cmd += ["--eval-every", str(iters)]
+        cmd += ["--eval-every", str(min(iters, 150))]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
