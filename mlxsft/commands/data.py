@@ -112,7 +112,8 @@ def validate(data_path, data_opt, fmt, model, template, train_on) -> None:
     """
     from pathlib import Path
 
-    from mlxsft.data.formats import find_splits, read_examples
+    from mlxsft.data.formats import read_examples
+    from mlxsft.data.reading import find_splits
     from mlxsft.data.render import Renderer
     from mlxsft.data.templates import resolve_template
     from mlxsft.data.types import Dropped

@@ -22,7 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxsft import rundir
+from mlxsft import rundir, runguard
 from mlxsft.errors import UserError
 
 
@@ -75,7 +75,7 @@ def save_checkpoint(
             mx.save_safetensors(f, opt_state)
         state.mx_key = rng_key()
         if fingerprint is not None:
-            rundir.write_fingerprint(tmp, fingerprint)
+            runguard.write_fingerprint(tmp, fingerprint)
         (tmp / rundir.STATE).write_text(json.dumps(asdict(state), indent=1) + "\n")
     rundir.replace_dir(tmp, final)  # the same step saved twice: e.g. Ctrl-C right after a save
     if prune:

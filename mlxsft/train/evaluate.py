@@ -61,7 +61,7 @@ def default_split(data: str) -> str:
     """A DATA directory is evaluated on test, else valid, else train; a file on itself."""
     if not Path(data).is_dir():
         return "train"
-    from mlxsft.data.formats import find_splits
+    from mlxsft.data.reading import find_splits
 
     found = find_splits(data)
     return next(s for s in ("test", "valid", "train") if s in found)

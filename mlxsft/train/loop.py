@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxsft import rundir
+from mlxsft import rundir, runguard
 from mlxsft.config import TrainConfig
 from mlxsft.data.batching import BatchPlan, make_batch, plan_epoch
 from mlxsft.errors import UserError
@@ -114,11 +114,11 @@ class _Run:
         self.model = self.prep.model
         # the template it resolved to, not "auto": the config.yaml re-run resumes identically
         self.resolved_cfg = replace(cfg, template=_template_spec(self.prep.template, cfg.template))
-        self.fingerprint = rundir.fingerprint(
+        self.fingerprint = runguard.fingerprint(
             self.resolved_cfg.to_dict(), pack=self.prep.pack, data_sha256=self.prep.data_sha256
         )
         if self.resume_from is not None:
-            note = rundir.check_fingerprint(self.resume_from, self.fingerprint)
+            note = runguard.check_fingerprint(self.resume_from, self.fingerprint)
             if note:
                 self.prep.notes.append(note)
         if cfg.grad_checkpoint:
@@ -426,7 +426,7 @@ def _locked(out: str, world: World) -> Iterator[str | None]:
     if not world.is_main:
         yield None
         return
-    with rundir.RunLock(out) as lock:
+    with runguard.RunLock(out) as lock:
         yield lock.stale
 
 

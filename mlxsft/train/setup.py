@@ -139,7 +139,7 @@ def valid_source(cfg: TrainConfig) -> tuple[str, str] | None:
         return cfg.valid, "train"
     data = Path(cfg.data or "")
     if data.is_dir():
-        from mlxsft.data.formats import find_splits
+        from mlxsft.data.reading import find_splits
 
         if "valid" in find_splits(data):
             return str(data), "valid"
@@ -313,8 +313,8 @@ def data_sha256(data: str) -> str:
     """sha256 of the training split's file(s); of the name for a hub dataset."""
     import hashlib
 
-    from mlxsft.data.formats import data_files
-    from mlxsft.rundir import hash_files
+    from mlxsft.data.reading import data_files
+    from mlxsft.runguard import hash_files
 
     if not Path(data).exists():
         return hashlib.sha256(data.encode()).hexdigest()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mlxsft.data.formats import detect_format, find_splits, iter_rows, normalise, read_examples
+from mlxsft.data.formats import detect_format, normalise, read_examples
+from mlxsft.data.reading import find_splits, iter_rows
 from mlxsft.data.types import Message
 from mlxsft.errors import DataError, UserError
 

@@ -9,7 +9,8 @@ import threading
 
 import pytest
 
-from mlxsft.data.formats import MAX_DEPTH, read_examples
+from mlxsft.data.formats import read_examples
+from mlxsft.data.reading import MAX_DEPTH
 from mlxsft.errors import UserError
 
 ROW = json.dumps({"text": "hello"})

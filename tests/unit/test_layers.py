@@ -1,7 +1,7 @@
 """Import rules of the package, read from the source (ast; nothing is imported).
 
 Layers point only down: commands -> recipes -> engine -> model -> data, with `_mlxlm` (the mlx-lm
-boundary) under model/ and `base` (errors, config, rundir, blas) under everything. A module may
+boundary) under model/ and `base` (errors, config, rundir, runguard, blas) under everything. A module may
 import modules of its own layer or of lower ones; lazy imports inside functions count too.
 Recipes are the modules behind one user-facing operation; they are named here one by one, so the
 folders need not move. Besides the layers:
@@ -33,6 +33,7 @@ MODULES = {
     "mlxsft.config": "base",
     "mlxsft.blas": "base",
     "mlxsft.rundir": "base",  # names and reads/writes the files of a run directory (no mlx)
+    "mlxsft.runguard": "base",  # the run lock and the resume fingerprint (no mlx)
     "mlxsft._mlxlm": "mlxlm",
     "mlxsft.demo_model": "model",  # tiny checkpoints for the demo and the tests
     "mlxsft.cli": "commands",

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlxsft import rundir
+from mlxsft import rundir, runguard
 from mlxsft.errors import UserError
 
 _HOLD = textwrap.dedent(
     """
     import sys, time
-    from mlxsft.rundir import RunLock
+    from mlxsft.runguard import RunLock
     lock = RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -41,7 +41,7 @@ def test_busy_output_is_refused_naming_the_other_process(tmp_path):
     proc = _holder(out)
     try:
         with pytest.raises(UserError, match=rf"in use by mlxsft train \(pid {proc.pid} "):
-            rundir.RunLock(out).acquire()
+            runguard.RunLock(out).acquire()
         from mlxsft.cli import main
 
         args = ["train", "-m", "nowhere", "-d", "nothing.jsonl", "-o", str(out)]
@@ -59,18 +59,18 @@ def test_lock_left_by_kill_9_is_detected_and_taken_over(tmp_path):
     proc = _holder(out)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    with rundir.RunLock(out) as lock:
+    with runguard.RunLock(out) as lock:
         assert f"pid {proc.pid}" in lock.stale
-    with rundir.RunLock(out) as lock:  # released cleanly last time: nothing stale
+    with runguard.RunLock(out) as lock:  # released cleanly last time: nothing stale
         assert lock.stale is None
 
 
 def test_lock_of_a_run_that_wrote_nothing_leaves_no_directory(tmp_path):
-    with rundir.RunLock(tmp_path / "new"):
+    with runguard.RunLock(tmp_path / "new"):
         pass
     assert not (tmp_path / "new").exists()
     (tmp_path / "kept").mkdir()
-    with rundir.RunLock(tmp_path / "kept"):
+    with runguard.RunLock(tmp_path / "kept"):
         pass
     assert (tmp_path / "kept").is_dir()
 
@@ -148,15 +148,15 @@ def test_publish_adapter_never_pairs_new_weights_with_an_old_config(tmp_path, mo
 
 def _fp(**kw) -> dict:
     settings = {"model": "m", "batch_size": 4, "iters": 10, "rank": 8, **kw}
-    return rundir.fingerprint(settings, pack=True, data_sha256=kw.get("data", "aa" * 32))
+    return runguard.fingerprint(settings, pack=True, data_sha256=kw.get("data", "aa" * 32))
 
 
 def test_fingerprint_mismatch_lists_every_differing_setting(tmp_path):
     ckpt = _checkpoint(tmp_path, 3)
-    rundir.write_fingerprint(ckpt, _fp())
-    assert rundir.check_fingerprint(ckpt, _fp()) is None
+    runguard.write_fingerprint(ckpt, _fp())
+    assert runguard.check_fingerprint(ckpt, _fp()) is None
     with pytest.raises(UserError) as info:
-        rundir.check_fingerprint(ckpt, _fp(batch_size=8, iters=20, data="bb" * 32))
+        runguard.check_fingerprint(ckpt, _fp(batch_size=8, iters=20, data="bb" * 32))
     lines = str(info.value).splitlines()
     assert "3 setting(s) differ" in lines[0]
     assert lines[1:4] == [
@@ -165,7 +165,7 @@ def test_fingerprint_mismatch_lists_every_differing_setting(tmp_path):
         "  data_sha256: data sha256 aaaaaaaaaaaa in the checkpoint, data sha256 bbbbbbbbbbbb now",
     ]
     (ckpt / rundir.FINGERPRINT).unlink()  # an older mlxsft's checkpoint: a note, not an error
-    assert "not checked" in rundir.check_fingerprint(ckpt, _fp(batch_size=8))
+    assert "not checked" in runguard.check_fingerprint(ckpt, _fp(batch_size=8))
 
 
 def test_config_never_records_resume_and_is_found_from_any_adapter(tmp_path):
