@@ -1,7 +1,7 @@
 """Every GGUF type mlxsft exports, run by llama.cpp itself (through llama-cpp-python).
 
 NOT part of CI: llama-cpp-python has no prebuilt wheel for Linux x86-64 on PyPI, and building it
-from source takes ~50 minutes on 2 cores. With `--install` the script runs
+from source takes 15-50 minutes on 2 cores. With `--install` the script runs
 `pip install llama-cpp-python` (the build) first; otherwise it needs `import llama_cpp` to work.
 
 For a model (default: SmolLM2-135M-Instruct float32 converted from the shared 4-bit fixture with
@@ -14,7 +14,17 @@ llama.cpp and reports:
   the float model (f32/f16 are expected to agree token for token; quantized files are reported
   as the number of leading tokens that agree);
 - logits of the prompt: llama.cpp's vs a float64 NumPy forward pass over the same file
-  (max |diff|), i.e. whether llama.cpp reads the tensors as mlxsft wrote them.
+  (max |diff|); for quantized files llama.cpp also quantizes the activations (q8 dot products),
+  so this grows with the type;
+- llama.cpp's own quantizer (`llama-quantize`, through llama-cpp-python) run on mlxsft's f32
+  file for the same type: how many tensors have the same type and bytes in both files, and
+  whether llama.cpp's greedy tokens from its own file equal those from mlxsft's.
+
+Build note: with `-march=native` on a CPU with AMX (Sapphire Rapids and later) ggml's AMX path
+crashed inside a VM on q8_0 files, llama.cpp's own included; build without it:
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python
+(about 15 minutes on 2 cores with LLAMA_BUILD_TESTS/EXAMPLES/SERVER=OFF). Measured table:
+docs/export.md.
 
     python benchmarks/verify_llama_cpp.py [--install] [--model HF_DIR] [--out /work/cache/llama-cpp-check]
 """
@@ -37,6 +47,12 @@ sys.path.insert(0, str(ROOT / "tests"))  # _export_utils, which test_gguf_forwar
 from mlxsft.config import GGUF_DTYPES as DTYPES  # noqa: E402  (every --dtype the exporter offers)
 
 PROMPT = "What is the capital of France?"
+FTYPES = {  # --dtype -> llama.cpp's file type, for its own quantizer
+    "f32": "LLAMA_FTYPE_ALL_F32", "f16": "LLAMA_FTYPE_MOSTLY_F16",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}  # fmt: skip
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "models" / "smollm2-135m-instruct-mlx-q4"
 
 
@@ -59,8 +75,8 @@ def mlxsft_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def check(path: Path, model_dir: Path, ids: list[int], ref: list[int], n: int):
-    """One exported file: (tokenization ok, leading tokens equal to mlxsft's, logit max diff).
+def check(path: Path, model_dir: Path, ids: list[int], n: int):
+    """One GGUF file in llama.cpp: (tokenization ok, its first n greedy tokens, logit max diff).
     Runs in a child process (see `main`), so a crash inside llama.cpp loses one row only."""
     import llama_cpp
     from test_gguf_forward import gguf_forward
@@ -81,12 +97,52 @@ def check(path: Path, model_dir: Path, ids: list[int], ref: list[int], n: int):
         out.append(int(token))
         if len(out) == n:
             break
-    same = next((i for i, (a, b) in enumerate(zip(out, ref, strict=False)) if a != b), len(out))
     llm.reset()
     llm.eval(ids)
     cpp = np.array(llm.scores[: len(ids)], dtype=np.float64)  # (L, V) logits of the prompt
     diff = float(np.abs(cpp - gguf_forward(path, ids)).max())
-    return tok_ok, same, diff
+    return tok_ok, out, diff
+
+
+def llama_quantize(src: Path, dst: Path, dtype: str) -> int:
+    """llama.cpp's own quantizer (`llama-quantize`, through llama-cpp-python) on `src`."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # its per-tensor log (this child only)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[dtype])
+    return int(llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                              ctypes.byref(params)))  # fmt: skip
+
+
+def leading_same(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+
+
+def in_child(fn, *args):
+    """`fn(*args)` in a fresh process: a crash inside llama.cpp raises here, not kills us."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def same_tensors(ours: Path, theirs: Path) -> str:
+    """'n/N' tensors with the same ggml type and bytes in both files."""
+    from mlxsft.model import gguf
+
+    _, a = gguf.read_gguf(ours, dequantize_all=False)
+    _, b = gguf.read_gguf(theirs, dequantize_all=False)
+    same = 0
+    for name, t in a.items():
+        u = b.get(name)
+        if u is None or u.ggml_type != t.ggml_type:
+            continue
+        x = t.raw if t.raw is not None else t.data
+        y = u.raw if u.raw is not None else u.data
+        same += bool(np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8)))
+    return f"{same}/{len(a)}"
 
 
 def main() -> int:
@@ -122,32 +178,49 @@ def main() -> int:
     ref = mlxsft_greedy(model_dir, ids, args.tokens)
     print(f"model {model_dir}; mlxsft greedy: {tokenizer.decode(ref)!r}")
     print(
-        "| dtype | MiB | tensor types | tokenization | greedy tokens = mlxsft's | max logit diff |"
+        "| dtype | MiB | tensor types | tokenization | greedy = mlxsft (float) "
+        "| tensors = llama-quantize's | greedy = llama-quantize's file | max logit diff |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     ok = True
-    for dtype in args.dtypes:
+
+    def export(dtype: str) -> Path | None:
         path = args.out / f"model-{dtype}.gguf"
         argv = ["export", "--model", str(model_dir), "--format", "gguf", "--output", str(path)]
         result = CliRunner().invoke(cli, [*argv, "--dtype", dtype])
         if result.exit_code != 0:
             print(f"| {dtype} | export failed: {result.output.strip()} |")
+            return None
+        return path
+
+    base = export("f32")  # llama.cpp's own quantizer starts from mlxsft's float file
+    for dtype in args.dtypes:
+        path = base if dtype == "f32" else export(dtype)
+        if path is None:
             ok = False
             continue
         _, tensors = gguf.read_gguf(path, dequantize_all=False)
         kinds = sorted({gguf.TYPE_NAMES[t.ggml_type] for t in tensors.values()})
         try:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                job = pool.submit(check, path, model_dir, ids, ref, args.tokens)
-                tok_ok, same, diff = job.result()
+            tok_ok, out, diff = in_child(check, path, model_dir, ids, args.tokens)
         except Exception as exc:  # a file llama.cpp refuses, or a crash in it: report, go on
             print(f"| {dtype} | llama.cpp failed: {type(exc).__name__}: {exc} |")
             ok = False
             continue
+        same_ref, same_cpp = "-", "-"
+        if dtype != "f32" and base is not None:
+            theirs = args.out / f"llama-quantize-{dtype}.gguf"
+            if in_child(llama_quantize, base, theirs, dtype) == 0:
+                same_ref = same_tensors(path, theirs)
+                _, out_cpp, _ = in_child(check, theirs, model_dir, ids, args.tokens)
+                same_cpp = f"{leading_same(out, out_cpp)}/{args.tokens}"
+                ok &= same_cpp == f"{args.tokens}/{args.tokens}"
         mib = path.stat().st_size / 2**20
+        same = leading_same(out, ref)
         print(
             f"| {dtype} | {mib:.1f} | {', '.join(kinds)} | {'same' if tok_ok else 'DIFFERS'} "
-            f"| {same}/{args.tokens} | {diff:.2e} |"
+            f"| {same}/{args.tokens} | {same_ref} | {same_cpp} | {diff:.2e} |",
+            flush=True,
         )
         ok &= tok_ok and (same == args.tokens or dtype not in ("f32", "f16"))
     return 0 if ok else 1
