@@ -92,7 +92,7 @@ def run_plain(batches: Path) -> dict:
     return {
         "per_step": sum(times[1:]) / (len(times) - 1),
         "final_loss": res["final_loss"],
-        "peak_gb": res["peak_memory"] / 1e9,
+        "peak_gb": res["peak_memory"] / 2**30,
         "wall": wall,
     }
 

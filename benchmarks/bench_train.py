@@ -158,7 +158,7 @@ def run_mlx_lm(model: Path, data: Path, out: Path, s: Setting, n_steps: int) -> 
     (out / "bench.yaml").write_text(yaml.safe_dump(cfg))
     wall, log = _run([sys.executable, "-c", MLX_LM_LORA, str(out / "bench.yaml")])
     peak = re.findall(r"PEAK_MEMORY (\d+)", log)
-    return {"wall": wall, "peak_gb": int(peak[-1]) / 1e9 if peak else float("nan")}
+    return {"wall": wall, "peak_gb": int(peak[-1]) / 2**30 if peak else float("nan")}
 
 
 def run_mlxsft(model: Path, data: Path, out: Path, s: Setting, loss: str = "selective") -> dict:

@@ -47,7 +47,7 @@ class Generation:
         return (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
             f"generation: {n} tokens, {self.generation_tps:.1f} tokens/s | "
-            f"peak memory: {mx.get_peak_memory() / 1e9:.3f} GB"
+            f"peak memory: {mx.get_peak_memory() / 2**30:.3f} GB"
         )
 
 

@@ -26,7 +26,13 @@ GB = 1024**3
 C_HIDDEN = 8.0
 C_INTER = 4.0
 C_QKV = 2.0
-C_ATTN = 2.0  # (B, H, L, L) score-sized arrays kept per layer (scores and probabilities)
+C_ATTN = 1.0  # (B, H, L, L) arrays kept per layer: the probabilities (the scores are freed)
+# With --grad-checkpoint, measured on SmolLM2-135M (30 layers, L = 512-2048) and a 4-layer model:
+# ~C_CK_KEEP x hidden per token per layer stays alive (the block input and what the backward
+# pass keeps between blocks), plus one block's activations and C_CK_ATTN (B, H, L, L) arrays
+# (probabilities, their gradient and the scores' gradient) while that block is recomputed.
+C_CK_KEEP = 6.0
+C_CK_ATTN = 3.0
 C_LOGITS = 3.0  # full-logits loss: float32 (N, V) arrays alive at once (logits, lse, gradient)
 C_CHUNK = 5.0  # selective loss: (C, V) float32 arrays alive at once in one chunk's backward
 OVERHEAD = 0.10  # compile + allocator slack on top of the transient part
@@ -177,11 +183,12 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     n_tok = rows * L
     w = shape.widths()
     per_token = C_HIDDEN * w["D"] + C_INTER * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
-    layer = int(n_tok * per_token * a + C_ATTN * rows * shape.n_heads * L * L * a)
-    if run.grad_checkpoint:  # block inputs kept; one block's activations live during recompute
-        activations = shape.n_layers * n_tok * w["D"] * a + layer
+    scores = rows * shape.n_heads * L * L * a  # one (B, H, L, L) array
+    if run.grad_checkpoint:  # kept between blocks + one block's recompute and backward
+        block = n_tok * per_token * a + C_CK_ATTN * scores
+        activations = int(shape.n_layers * C_CK_KEEP * n_tok * w["D"] * a + block)
     else:
-        activations = shape.n_layers * layer
+        activations = int(shape.n_layers * (n_tok * per_token * a + C_ATTN * scores))
     from mlxsft.train.loss import SELECTIVE_MIN_VOCAB, default_chunk_size  # mlx already needed
 
     if run.selective_loss and shape.vocab >= SELECTIVE_MIN_VOCAB:  # as `loss.choose_loss`

@@ -23,7 +23,8 @@ from mlxsft import rundir
 
 
 def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9
+    """MLX's peak memory in GB of 2^30 bytes, the unit of `mlxsft plan` and of memory as sold."""
+    return mx.get_peak_memory() / 2**30
 
 
 def _duration(seconds: float) -> str:
