@@ -63,6 +63,7 @@ class Real:
     batch_size: int = 4
     lr: float = 1e-4
     rank: int = 8
+    grad_checkpoint_too: bool = False  # also run mlxsft with --grad-checkpoint
 
 
 def f32_model(cache: Path) -> Path:
@@ -127,6 +128,17 @@ def compare(r: Real, cache: Path, peak_gflops: float) -> list[str]:
     seen = steps * s.batch_size / s.n_train  # mlx-lm drops the last partial batch
     mfu = [flops * f / w / (peak_gflops * 1e9) for f, w in ((seen, theirs["wall"]), (1, ours["wall"]))]  # fmt: skip
     t, m, v = ours["wall"] / theirs["wall"], ours["peak_gb"] / theirs["peak_gb"], v_ours / v_theirs
+    ck_rows = []
+    if r.grad_checkpoint_too:
+        print(f"[{r.label}] mlxsft train --grad-checkpoint ...", flush=True)
+        ck = bt.run_mlxsft(model, data, work / "mlxsft-ck", s, extra=("--grad-checkpoint",))
+        v_ck = bt.val_loss(model, data, work / "mlxsft-ck", s)
+        ck_rows = [
+            f"| mlxsft `--grad-checkpoint`: wall time (s) / peak memory (GB) / validation loss | "
+            f"| {ck['wall']:.0f} / {ck['peak_gb']:.2f} / {v_ck:.4f} | "
+            f"{ck['wall'] / theirs['wall']:.2f}x / {ck['peak_gb'] / theirs['peak_gb']:.2f}x / "
+            f"{v_ck / v_theirs:.3f}x |"
+        ]
     return [
         f"**{r.label}**: {r.n_train} train / {r.n_valid} valid conversations ({tokens} tokens), "
         f"batch {r.batch_size} (examples per step, both), max length {r.max_seq_len}, 1 epoch "
@@ -140,6 +152,7 @@ def compare(r: Real, cache: Path, peak_gflops: float) -> list[str]:
         f"| peak memory (GB) | {theirs['peak_gb']:.2f} | {ours['peak_gb']:.2f} | {m:.2f}x |",
         f"| final validation loss (mlxsft eval) | {v_theirs:.4f} | {v_ours:.4f} | {v:.3f}x |",
         f"| MFU (vs measured matmul peak) | {mfu[0]:.1%} | {mfu[1]:.1%} | |",
+        *ck_rows,
         "",
     ]
 
@@ -205,7 +218,7 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     settings = [
-        Real("SmolLM2-135M f32, LoRA, max 512", "f32", "short", 48, 16),
+        Real("SmolLM2-135M f32, LoRA, max 512", "f32", "short", 48, 16, grad_checkpoint_too=True),
         Real("SmolLM2-135M 4-bit, QLoRA, max 512", "q4", "short", 48, 16),
         Real("SmolLM2-135M f32, LoRA, max 2048", "f32", "long", 8, 4, max_seq_len=2048),
         Real("Qwen2.5-0.5B-shaped (4 layers, V=151936), max 512", "qwen", "short", 24, 8),
@@ -217,8 +230,8 @@ def main() -> int:
         settings = [r for r in settings if any(o in r.label for o in args.only)]
     peak = bt.matmul_gflops(True)["gflops"]
     lines = [
-        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start "
-        f"(shared with other jobs); date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start"
+        f"; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
         f"matmul peak (1024^2 float32, the BLAS mlxsft picks): {peak:.1f} GFLOP/s",
         "",
     ]

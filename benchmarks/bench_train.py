@@ -161,14 +161,16 @@ def run_mlx_lm(model: Path, data: Path, out: Path, s: Setting, n_steps: int) -> 
     return {"wall": wall, "peak_gb": int(peak[-1]) / 2**30 if peak else float("nan")}
 
 
-def run_mlxsft(model: Path, data: Path, out: Path, s: Setting, loss: str = "selective") -> dict:
+def run_mlxsft(
+    model: Path, data: Path, out: Path, s: Setting, loss: str = "selective", extra: tuple = ()
+) -> dict:
     cmd = [
         sys.executable, "-m", "mlxsft", "train", "--loss", loss, "--model", str(model), "--data", str(data),
         "--output", str(out), "--no-pack", "--batch-size", str(s.batch_size),
         "--max-seq-len", str(s.max_seq_len), "--epochs", "1", "--learning-rate", str(s.lr),
         "--optimizer", "adam", "--rank", str(s.rank), "--alpha", str(2.0 * s.rank),
         "--target-modules", "all-linear", "--num-layers", "-1", "--eval-every", "0",
-        "--save-every", "0", "--steps-per-report", "10", "--seed", "0",
+        "--save-every", "0", "--steps-per-report", "10", "--seed", "0", *extra,
     ]  # fmt: skip
     wall, log = _run(cmd)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
