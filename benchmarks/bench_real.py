@@ -13,6 +13,9 @@ optimizer step for both (mlxsft `--no-pack`), loss on responses only. Both adapt
 the same `mlxsft eval` on the validation split. Reports wall time per epoch (start-up included),
 peak memory, trained tokens/s, final validation loss, MFU against the measured matmul peak.
 
+`packed` part: `mlxsft --pack` (more examples per step) against mlx_lm.lora's padded epoch of
+the first setting, on the time to reach mlx_lm.lora's final validation loss.
+
 `memory` part: mlxsft's peak memory on the 135M model with one packed row of 2048 and 4096
 tokens, with and without --grad-checkpoint, against `mlxsft plan`'s estimate.
 
@@ -119,6 +122,7 @@ def compare(r: Real, cache: Path, peak_gflops: float) -> list[str]:
     steps = bt.n_steps_mlx_lm(data, s)
     print(f"[{r.label}] mlx_lm.lora ({steps} steps) ...", flush=True)
     theirs = bt.run_mlx_lm(model, data, work / "mlxlm", s, steps)
+    (work / "mlxlm.json").write_text(json.dumps(theirs))  # reused by the `packed` part
     print(f"[{r.label}] mlxsft train ...", flush=True)
     ours = bt.run_mlxsft(model, data, work / "mlxsft", s)
     print(f"[{r.label}] validation (mlxsft eval on both adapters) ...", flush=True)
@@ -153,6 +157,57 @@ def compare(r: Real, cache: Path, peak_gflops: float) -> list[str]:
         f"| final validation loss (mlxsft eval) | {v_theirs:.4f} | {v_ours:.4f} | {v:.3f}x |",
         f"| MFU (vs measured matmul peak) | {mfu[0]:.1%} | {mfu[1]:.1%} | |",
         *ck_rows,
+        "",
+    ]
+
+
+def packed_rows(r: Real, cache: Path, epochs: int = 3) -> list[str]:
+    """Packing changes the examples per optimizer step, so a packed run is compared with
+    mlx_lm.lora's one-epoch run (padded, from the `train` part, else run here) on the time it
+    takes to reach mlx_lm.lora's final validation loss (both scored by the same evaluator)."""
+    model, data = model_dir(r.model, cache), data_dir(r, cache)
+    s = as_setting(r, model)
+    work = cache / "bench-out" / r.label.replace(" ", "_")
+    saved = work / "mlxlm.json"
+    if not saved.is_file() or not (work / "mlxlm" / "adapters.safetensors").is_file():
+        print(f"[{r.label}] mlx_lm.lora ...", flush=True)
+        theirs = bt.run_mlx_lm(model, data, work / "mlxlm", s, bt.n_steps_mlx_lm(data, s))
+        saved.write_text(json.dumps(theirs))
+    theirs = json.loads(saved.read_text())
+    target = bt.val_loss(model, data, work / "mlxlm", s)
+    out = work / "mlxsft-packed"
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"[{r.label}] mlxsft train --pack, up to {epochs} epochs, evaluated every step ...")
+    extra = ("--pack", "--epochs", str(epochs), "--eval-every", "1")
+    ours = bt.run_mlxsft(model, data, out, s, extra=extra)
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train = {x["step"]: x for x in rec if x["type"] == "train"}
+    evals = [x for x in rec if x["type"] == "eval"]
+    startup = ours["wall"] - max(x["elapsed_s"] for x in train.values())
+    hit = next((e for e in evals if e["step"] > 0 and e["val_loss"] <= target), None)
+    rows = [
+        f"**{r.label}, packed**: time for `mlxsft --pack` (batch 4 packed rows of up to "
+        f"{r.max_seq_len} tokens) to reach mlx_lm.lora's final validation loss {target:.4f} "
+        f"(its one padded epoch, {theirs['wall']:.0f} s with start-up); evaluation time taken out",
+        "",
+    ]
+    if hit is None:
+        best = min(e["val_loss"] for e in evals)
+        return [
+            *rows,
+            f"not reached in {epochs} epochs ({ours['steps']} steps; best {best:.4f})",
+            "",
+        ]
+    step = hit["step"]
+    evals_before = sum(e.get("eval_s", 0.0) for e in evals if e["step"] < step)
+    t = startup + train[step]["elapsed_s"] - evals_before
+    epoch = train[step]["epoch"]
+    return [
+        *rows,
+        "| | mlx_lm.lora (padded, 1 epoch) | mlxsft --pack | mlxsft / mlx_lm |",
+        "|---|---|---|---|",
+        f"| time to validation loss <= {target:.4f} (s) | {theirs['wall']:.0f} | {t:.0f} "
+        f"(step {step}, epoch {epoch:.2f}, val {hit['val_loss']:.4f}) | {t / theirs['wall']:.2f}x |",
         "",
     ]
 
@@ -210,7 +265,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cache", default="/work/cache", help="models, data and outputs go here")
-    ap.add_argument("--parts", nargs="*", default=["train", "memory"])
+    ap.add_argument("--parts", nargs="*", default=["train", "packed", "memory"])
     ap.add_argument("--only", nargs="*", help="setting labels to run (default: all)")
     ap.add_argument("--lengths", nargs="*", type=int, help="memory part: row lengths")
     args = ap.parse_args()
@@ -240,6 +295,10 @@ def main() -> int:
             rows = compare(r, cache, peak)
             print("\n".join(rows), flush=True)
             lines += rows
+    if "packed" in args.parts:
+        rows = packed_rows(settings[0], cache)
+        print("\n".join(rows), flush=True)
+        lines += rows
     if "memory" in args.parts:
         rows = memory_rows(cache, args.lengths or ([2048] if args.quick else [2048, 4096]))
         print("\n".join(rows), flush=True)

@@ -2,7 +2,8 @@
 
 `metrics.jsonl` (written by `mlxsft.train.loop`) holds one JSON object per line:
   {"type": "train", "step", "epoch", "loss", "lr", "trained_tokens", "tokens_per_sec",
-   "peak_memory_gb", "elapsed_s"}  and  {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens"}
+   "peak_memory_gb", "elapsed_s"}  and
+  {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens", "eval_s"}
 and, with `train --eval-prompts`, {"type": "gen_eval", "step", "exact_match", "contains_match",
 "stop_rate", "n_prompts", "mean_reply_tokens"} (drawn as two more panels).
 The terminal chart is pure Python, so `train` can print it at the end of every run; the PNG needs

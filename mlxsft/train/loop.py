@@ -45,6 +45,7 @@ class TrainResult:
     best_val_loss: float | None
     best_step: int | None
     n_compilations: int
+    n_eval_compilations: int
     elapsed_s: float
     resumed_from: Path | None = None
 
@@ -288,6 +289,7 @@ class _Run:
 
     def run_loss_eval(self) -> None:
         cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
         loss, n = evaluate(
             self.eval_fn,
             self.prep.valid,
@@ -296,14 +298,14 @@ class _Run:
             pack=self.prep.pack,
             world=self.world,
         )
-        self.val_loss = loss
+        self.val_loss, seconds = loss, time.perf_counter() - t0
         best = state.best_val_loss is None or loss < state.best_val_loss
         if best and not self.watch.suspect:
             self._check_finite_weights()
             state.best_val_loss, state.best_step = loss, state.step
             if self.world.is_main:
                 ckpt.save_best(self.out, self.model, self.prep.adapter_config)
-        self.progress.eval(state.step, loss, n, best=best)
+        self.progress.eval(state.step, loss, n, best=best, seconds=seconds)
 
     def train_step(self) -> None:
         """One optimizer step on the batch at the data cursor; advances the cursor."""
@@ -393,6 +395,7 @@ class _Run:
             best_val_loss=state.best_val_loss,
             best_step=state.best_step,
             n_compilations=self.step_fn.n_compilations,
+            n_eval_compilations=self.eval_fn.n_compilations,
             elapsed_s=self._elapsed(),
             resumed_from=self.resume_from,
         )
@@ -445,6 +448,9 @@ def summary(r: TrainResult) -> str:
     ]
     if r.best_val_loss is not None:
         parts.append(f"best val loss {r.best_val_loss:.4f} at step {r.best_step}")
-    parts.append(f"{r.n_compilations} compilations; peak memory {peak_memory_gb():.2f} GB")
+    compiled = f"{r.n_compilations} compilations"
+    if r.n_eval_compilations:
+        compiled += f" (+{r.n_eval_compilations} for evaluation)"
+    parts.append(f"{compiled}; peak memory {peak_memory_gb():.2f} GB")
     parts.append(f"adapter: {r.output}")
     return "; ".join(parts)

@@ -4,7 +4,7 @@ on a terminal (plain periodic lines otherwise), and the end-of-run summary.
 metrics.jsonl records (keys are a contract with `mlxsft report`):
   {"type": "train", "step", "epoch", "loss", "lr", "trained_tokens", "tokens_per_sec",
    "peak_memory_gb", "elapsed_s", "grad_norm"}
-  {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens"}
+  {"type": "eval", "step", "val_loss", "val_ppl", "val_tokens", "eval_s"}
   {"type": "gen_eval", "step", "exact_match", ...}   (train/gen_eval.py, with --eval-prompts)
 """
 
@@ -114,7 +114,11 @@ class Progress:
             self.stream.flush()
             self._line_open = True
 
-    def eval(self, step: int, val_loss: float, val_tokens: int, *, best: bool) -> None:
+    def eval(
+        self, step: int, val_loss: float, val_tokens: int, *, best: bool, seconds: float = 0.0
+    ) -> None:
+        """An evaluation record; `seconds`: the time it took (`eval_s`, so a reader can take
+        evaluation out of `elapsed_s`)."""
         if not self.enabled:
             return
         ppl = math.exp(min(val_loss, 700.0))
@@ -125,6 +129,7 @@ class Progress:
                 "val_loss": val_loss,
                 "val_ppl": ppl,
                 "val_tokens": val_tokens,
+                "eval_s": seconds,
             }
         )
         mark = "  (best)" if best else ""

@@ -204,35 +204,45 @@ def make_train_step(
     )
 
 
-def make_eval_step(
-    model: nn.Module, *, compile: bool = True, loss: str = "full", chunk_size: int | None = None
-) -> Callable[[Batch], tuple[mx.array, mx.array]]:
+class EvalStep:
     """`eval_step(batch) -> (ce_sum, n_trained)` as lazy float32 scalars, masked as in training
-    (dropout off during the call)."""
+    (dropout off during the call); `n_compilations` counts traces as `TrainStep` does."""
 
-    def fn(inputs, targets, target_mask, seg, n_select):
-        return ce_sum(
-            model,
-            inputs,
-            targets,
-            target_mask,
-            seg,
-            loss=loss,
-            n_select=n_select,
-            chunk_size=chunk_size,
-        )
+    def __init__(
+        self, model: nn.Module, *, compile: bool, loss: str, chunk_size: int | None
+    ) -> None:
+        self.model, self.compile, self.loss = model, compile, loss
+        self.n_compilations = 0
 
-    if compile:
-        fn = mx.compile(fn, inputs=[model.state])
+        def fn(inputs, targets, target_mask, seg, n_select):
+            if compile:  # runs only while mx.compile traces
+                self.n_compilations += 1
+            return ce_sum(
+                model,
+                inputs,
+                targets,
+                target_mask,
+                seg,
+                loss=loss,
+                n_select=n_select,
+                chunk_size=chunk_size,
+            )
 
-    def eval_step(batch: Batch) -> tuple[mx.array, mx.array]:
-        was_training = model.training
-        model.eval()
-        out = fn(*_arrays(batch), _n_select(loss, batch))
-        model.train(was_training)
+        self._fn = mx.compile(fn, inputs=[model.state]) if compile else fn
+
+    def __call__(self, batch: Batch) -> tuple[mx.array, mx.array]:
+        was_training = self.model.training
+        self.model.eval()
+        out = self._fn(*_arrays(batch), _n_select(self.loss, batch))
+        self.model.train(was_training)
         return out
 
-    return eval_step
+
+def make_eval_step(
+    model: nn.Module, *, compile: bool = True, loss: str = "full", chunk_size: int | None = None
+) -> EvalStep:
+    """The (compiled) evaluation step; see `EvalStep`."""
+    return EvalStep(model, compile=compile, loss=loss, chunk_size=chunk_size)
 
 
 def enable_grad_checkpoint(model: nn.Module) -> nn.Module:

@@ -181,11 +181,14 @@ def test_compilations_bounded_and_eval_matches(tiny_llama):
     batches = epoch_batches(data, batch_size=2, max_seq_len=40, pack=True, seed=0, epoch=0)
     padded = epoch_batches(data[:4], batch_size=2, max_seq_len=40, pack=False, seed=0, epoch=0)
     before = float(eval_step(batches[0])[0])
+    assert eval_step.n_compilations == 1
     for b in batches:
         step([b])
     assert step.n_compilations == 2
-    # the compiled eval step sees the updated weights (model state is a compiled input)
+    # the compiled eval step sees the updated weights (model state is a compiled input), with
+    # no new trace
     assert float(eval_step(batches[0])[0]) != pytest.approx(before, rel=1e-3)
+    assert eval_step.n_compilations == 1
     for b in batches[:2] + padded:
         s, n = eval_step(b)
         ref_s, ref_n = batch_loss(model, b)

@@ -34,7 +34,7 @@ def test_progress_lines_and_metrics(tmp_path, tty):
     progress = Progress(tmp_path, total_steps=4, steps_per_epoch=4, every=2, stream=stream)
     for step in range(1, 5):
         progress.train_step(_record(step), 0.1)
-    progress.eval(4, 0.5, 30, best=True)
+    progress.eval(4, 0.5, 30, best=True, seconds=1.25)
     progress.close()
     text = stream.getvalue()
     if tty:  # one live line rewritten in place for every step
@@ -48,7 +48,7 @@ def test_progress_lines_and_metrics(tmp_path, tty):
     assert "val loss 0.5000  ppl 1.65  30 tokens  (best)" in text
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["type"] for r in records] == ["train"] * 4 + ["eval"]
-    assert records[-1] == {"type": "eval", "step": 4, "val_loss": 0.5, "val_ppl": pytest.approx(1.6487, abs=1e-4), "val_tokens": 30}  # fmt: skip
+    assert records[-1] == {"type": "eval", "step": 4, "val_loss": 0.5, "val_ppl": pytest.approx(1.6487, abs=1e-4), "val_tokens": 30, "eval_s": 1.25}  # fmt: skip
 
 
 def test_resume_truncates_metrics_after_the_checkpoint(tmp_path):
