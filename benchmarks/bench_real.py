@@ -16,6 +16,9 @@ peak memory, trained tokens/s, final validation loss, MFU against the measured m
 `packed` part: `mlxsft --pack` (more examples per step) against mlx_lm.lora's padded epoch of
 the first setting, on the time to reach mlx_lm.lora's final validation loss.
 
+`ablation` part: mlxsft with `--loss full` against the same mlx_lm.lora epoch (where the time
+goes).
+
 `memory` part: mlxsft's peak memory on the 135M model with one packed row of 2048 and 4096
 tokens, with and without --grad-checkpoint, against `mlxsft plan`'s estimate.
 
@@ -161,10 +164,9 @@ def compare(r: Real, cache: Path, peak_gflops: float) -> list[str]:
     ]
 
 
-def packed_rows(r: Real, cache: Path, epochs: int = 3) -> list[str]:
-    """Packing changes the examples per optimizer step, so a packed run is compared with
-    mlx_lm.lora's one-epoch run (padded, from the `train` part, else run here) on the time it
-    takes to reach mlx_lm.lora's final validation loss (both scored by the same evaluator)."""
+def _mlx_lm_epoch(r: Real, cache: Path) -> tuple[dict, float]:
+    """mlx_lm.lora's one-epoch result for `r` (from the `train` part, else run now) and its
+    validation loss through `mlxsft eval`."""
     model, data = model_dir(r.model, cache), data_dir(r, cache)
     s = as_setting(r, model)
     work = cache / "bench-out" / r.label.replace(" ", "_")
@@ -173,9 +175,43 @@ def packed_rows(r: Real, cache: Path, epochs: int = 3) -> list[str]:
         print(f"[{r.label}] mlx_lm.lora ...", flush=True)
         theirs = bt.run_mlx_lm(model, data, work / "mlxlm", s, bt.n_steps_mlx_lm(data, s))
         saved.write_text(json.dumps(theirs))
-    theirs = json.loads(saved.read_text())
-    target = bt.val_loss(model, data, work / "mlxlm", s)
-    out = work / "mlxsft-packed"
+    return json.loads(saved.read_text()), bt.val_loss(model, data, work / "mlxlm", s)
+
+
+def ablation_rows(r: Real, cache: Path) -> list[str]:
+    """Where the time goes: mlxsft with the plain full-logits loss (`--loss full`, everything
+    else as in the `train` part) against mlx_lm.lora's epoch."""
+    theirs, v_theirs = _mlx_lm_epoch(r, cache)
+    model, data = model_dir(r.model, cache), data_dir(r, cache)
+    s = as_setting(r, model)
+    out = cache / "bench-out" / r.label.replace(" ", "_") / "mlxsft-full-loss"
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"[{r.label}] mlxsft train --loss full ...", flush=True)
+    ours = bt.run_mlxsft(model, data, out, s, loss="full")
+    v = bt.val_loss(model, data, out, s)
+    return [
+        f"**{r.label}, ablation**: mlxsft with `--loss full` (the logits of every position, as "
+        "mlx_lm.lora computes them)",
+        "",
+        "| | mlx_lm.lora | mlxsft `--loss full` | ratio |",
+        "|---|---|---|---|",
+        f"| wall time per epoch (s) | {theirs['wall']:.0f} | {ours['wall']:.0f} | "
+        f"{ours['wall'] / theirs['wall']:.2f}x |",
+        f"| peak memory (GB) | {theirs['peak_gb']:.2f} | {ours['peak_gb']:.2f} | "
+        f"{ours['peak_gb'] / theirs['peak_gb']:.2f}x |",
+        f"| validation loss | {v_theirs:.4f} | {v:.4f} | {v / v_theirs:.3f}x |",
+        "",
+    ]
+
+
+def packed_rows(r: Real, cache: Path, epochs: int = 3) -> list[str]:
+    """Packing changes the examples per optimizer step, so a packed run is compared with
+    mlx_lm.lora's one-epoch run (padded, from the `train` part, else run here) on the time it
+    takes to reach mlx_lm.lora's final validation loss (both scored by the same evaluator)."""
+    theirs, target = _mlx_lm_epoch(r, cache)
+    model, data = model_dir(r.model, cache), data_dir(r, cache)
+    s = as_setting(r, model)
+    out = cache / "bench-out" / r.label.replace(" ", "_") / "mlxsft-packed"
     shutil.rmtree(out, ignore_errors=True)
     print(f"[{r.label}] mlxsft train --pack, up to {epochs} epochs, evaluated every step ...")
     extra = ("--pack", "--epochs", str(epochs), "--eval-every", "1")
@@ -295,10 +331,11 @@ def main() -> int:
             rows = compare(r, cache, peak)
             print("\n".join(rows), flush=True)
             lines += rows
-    if "packed" in args.parts:
-        rows = packed_rows(settings[0], cache)
-        print("\n".join(rows), flush=True)
-        lines += rows
+    for part, fn in (("packed", packed_rows), ("ablation", ablation_rows)):
+        if part in args.parts:
+            rows = fn(settings[0], cache)
+            print("\n".join(rows), flush=True)
+            lines += rows
     if "memory" in args.parts:
         rows = memory_rows(cache, args.lengths or ([2048] if args.quick else [2048, 4096]))
         print("\n".join(rows), flush=True)
