@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -153,8 +154,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
     args = ap.parse_args()
-    if args.install:
-        subprocess.run([sys.executable, "-m", "pip", "install", "llama-cpp-python"], check=True)
+    if args.install:  # the build of the docstring's note: no AMX, no tests/examples/server
+        flags = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+        flags += " -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF"
+        env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", flags)}
+        pip = [sys.executable, "-m", "pip", "install", "llama-cpp-python==0.3.36"]
+        subprocess.run(pip, check=True, env=env)
     try:
         import llama_cpp  # noqa: F401  (used in the child processes)
     except ImportError:
