@@ -108,7 +108,6 @@ def check(path: Path, model_dir: Path, ids: list[int], n: int):
 def llama_quantize(src: Path, dst: Path, dtype: str) -> int:
     """llama.cpp's own quantizer (`llama-quantize`, through llama-cpp-python) on `src`."""
     import ctypes
-    import os
 
     import llama_cpp
 
