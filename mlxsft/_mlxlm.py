@@ -117,6 +117,23 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(getattr(model, "layers", None) or [])
 
 
+# Architectures whose Attention.__call__ without a cache is exactly: q/k/v projections, per-head
+# q_norm/k_norm if present (qwen3), RoPE, SDPA with `self.scale` and the given mask, o_proj;
+# `model.attention` recomputes that (tests/unit/test_attention.py compares it with each class).
+_PLAIN_ATTENTION = ("llama", "qwen2", "qwen3")
+
+
+def plain_attentions(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of `model` whose class is one of `_PLAIN_ATTENTION`'s."""
+    import importlib
+
+    classes = tuple(
+        importlib.import_module(f"mlx_lm.models.{name}").Attention for name in _PLAIN_ATTENTION
+    )
+    attentions = [getattr(layer, "self_attn", None) for layer in transformer_blocks(model)]
+    return [a for a in attentions if isinstance(a, classes)]
+
+
 def make_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:
     """A fresh KV cache for generation."""
     from mlx_lm.models.cache import make_prompt_cache

@@ -1,0 +1,115 @@
+"""Causal attention that skips the blocks a causal mask hides (for MLX's CPU backend).
+
+On the CPU, `mx.fast.scaled_dot_product_attention` is a composite of plain ops: it scores every
+query against every key, masks the upper triangle and runs a softmax over all L x L entries, and
+MLX's CPU element-wise ops are scalar (an `exp` costs ~15 ns). `causal_attention` splits the
+queries into blocks of `BLOCK` rows and scores block [a, b) only against keys [0, b): about
+(n + 1) / 2n of the work and of the probabilities kept for the backward pass (n blocks), with the
+same result. Grouped-query heads share their keys by broadcasting, without a copy.
+
+`_mlxlm.use_block_attention` decides where it runs (the CPU, training and evaluation, verified
+attention classes); tests/unit/test_attention.py checks outputs and gradients against the model's
+own attention.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxsft import _mlxlm
+
+BLOCK = 128  # query rows per block: fewest masked scores without many small matmuls (L=512..2048)
+
+
+def handles_mask(mask: object, length: int) -> bool:
+    """True for the masks `causal_attention` takes: None/"causal" (plain causal) or a bool
+    (B or 1, 1, L, L) mask that already includes causality (packed rows, sliding windows)."""
+    if mask is None or (isinstance(mask, str) and mask == "causal"):
+        return True
+    return (
+        isinstance(mask, mx.array)
+        and mask.dtype == mx.bool_
+        and mask.ndim == 4
+        and mask.shape[1] == 1
+        and mask.shape[-2:] == (length, length)
+    )
+
+
+def causal_attention(
+    queries: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    scale: float,
+    mask: mx.array | str | None = None,
+    block: int = BLOCK,
+) -> mx.array:
+    """softmax(scale * Q K^T + causal mask) V, block by block.
+
+    queries (B, H, L, D), keys and values (B, KV, L, D) with H a multiple of KV; `mask` as in
+    `handles_mask` (a bool mask must allow every key the causal mask allows it to see, and no
+    later key). Returns (B, H, L, D) in the queries' dtype.
+    """
+    B, H, L, D = queries.shape
+    kv = keys.shape[1]
+    q = (queries * scale).reshape(B, kv, H // kv, L, D)  # group the heads that share a key
+    k_t = keys[:, :, None].swapaxes(-1, -2)  # (B, KV, 1, D, L)
+    v = values[:, :, None]  # (B, KV, 1, L, Dv)
+    boolean = isinstance(mask, mx.array)
+    pos = mx.arange(L)
+    outs = []
+    for a in range(0, L, block):
+        b = min(a + block, L)
+        scores = q[:, :, :, a:b] @ k_t[..., :b]  # (B, KV, G, b - a, b)
+        # (B, 1, 1, b - a, b) from the caller's mask, else plain causal (b - a, b)
+        allowed = mask[:, :, None, a:b, :b] if boolean else pos[None, :b] <= pos[a:b, None]
+        scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
+        probs = mx.softmax(scores, axis=-1, precise=True)
+        outs.append(probs @ v[..., :b, :])
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
+    return out.reshape(B, H, L, -1)
+
+
+def use_block_attention(model: nn.Module) -> int:
+    """On the CPU backend, make the verified attention layers of THIS model use
+    `causal_attention` when called without a KV cache (training, evaluation); returns how many.
+    Each instance's `__class__` becomes a subclass of its class (one per class); generation
+    (with a cache), other devices and other masks keep the model's own code. Call before
+    compiling. `MLXSFT_BLOCK_ATTENTION=0` turns it off (for comparisons)."""
+    if mx.default_device() != mx.cpu or os.environ.get("MLXSFT_BLOCK_ATTENTION") == "0":
+        return 0
+    attentions = _mlxlm.plain_attentions(model)
+    for attn in attentions:
+        if not getattr(type(attn), "_mlxsft_block_attention", False):
+            attn.__class__ = _block_class(type(attn))
+    return len(attentions)
+
+
+_BLOCK_CLASSES: dict[type, type] = {}
+
+
+def _block_class(base: type) -> type:
+    if base not in _BLOCK_CLASSES:
+
+        def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+            B, L, _ = x.shape
+            if cache is not None or not handles_mask(mask, L):
+                return base.__call__(self, x, mask, cache)
+            q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+            k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+            out = causal_attention(self.rope(q), self.rope(k), v, self.scale, mask)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+        _BLOCK_CLASSES[base] = type(
+            f"BlockAttention{base.__name__}",
+            (base,),
+            {"__call__": __call__, "_mlxsft_block_attention": True, "__module__": base.__module__},
+        )
+    return _BLOCK_CLASSES[base]
