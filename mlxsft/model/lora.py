@@ -56,8 +56,10 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.linear(x)
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b
-        return y + (self.scale * z).astype(x.dtype)
+        xa = self.dropout(x) @ self.lora_a
+        if y.dtype == xa.dtype == self.lora_b.dtype:  # one fused matmul-add, no extra passes
+            return mx.addmm(y, xa, self.lora_b, alpha=self.scale)
+        return y + (self.scale * (xa @ self.lora_b)).astype(x.dtype)
 
     def delta(self) -> mx.array:
         """scale * (A @ B)^T, shaped like the base weight (out, in)."""
