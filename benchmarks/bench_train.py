@@ -158,7 +158,13 @@ def run_mlx_lm(model: Path, data: Path, out: Path, s: Setting, n_steps: int) -> 
     (out / "bench.yaml").write_text(yaml.safe_dump(cfg))
     wall, log = _run([sys.executable, "-c", MLX_LM_LORA, str(out / "bench.yaml")])
     peak = re.findall(r"PEAK_MEMORY (\d+)", log)
-    return {"wall": wall, "peak_gb": int(peak[-1]) / 2**30 if peak else float("nan")}
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log)  # its report lines: "  12    val 1.591    4.10s"
+    val_s = sum(float(x) for x in re.findall(r"^\s*\d+\s+val\s+[0-9.]+\s+([0-9.]+)s", plain, re.M))
+    return {
+        "wall": wall,
+        "val_s": val_s,
+        "peak_gb": int(peak[-1]) / 2**30 if peak else float("nan"),
+    }
 
 
 def run_mlxsft(
@@ -177,6 +183,7 @@ def run_mlxsft(
     train = [r for r in rows if r["type"] == "train"]
     return {
         "wall": wall,
+        "val_s": sum(r.get("eval_s", 0.0) for r in rows if r["type"] == "eval"),
         "peak_gb": max(r["peak_memory_gb"] for r in train),
         "trained": train[-1]["trained_tokens"],
         "steps": train[-1]["step"],

@@ -123,6 +123,13 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 _PLAIN_ATTENTION = ("llama", "qwen2", "qwen3")
 
 
+def has_plain_attention(model_type: str | None) -> bool:
+    """True when `model_type`'s attention class is one of `_PLAIN_ATTENTION`'s (aliases too)."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return MODEL_REMAPPING.get(model_type, model_type) in _PLAIN_ATTENTION
+
+
 def plain_attentions(model: nn.Module) -> list[nn.Module]:
     """The attention modules of `model` whose class is one of `_PLAIN_ATTENTION`'s."""
     import importlib

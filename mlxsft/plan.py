@@ -3,8 +3,8 @@ settings, and recommend settings that fit a budget (`mlxsft plan`, and `train`'s
 
 The estimate adds up what is alive at the peak (the end of the forward pass / start of backward):
 weights, adapters, gradients and optimizer state, activations saved for the backward pass
-(per layer x tokens, plus the (B, H, L, L) attention scores that MLX's CPU/GPU attention keeps
-for its VJP), the LM-head/loss working set (full logits, or one chunk with the selective loss) and
+(per layer x tokens, plus the (B, H, L, L) attention probabilities that MLX's attention keeps
+for its VJP; on the CPU, only the causal blocks `model.attention` computes), the LM-head/loss working set (full logits, or one chunk with the selective loss) and
 a compile/allocator overhead. Coefficients were measured with mlxsft's compiled step
 (benchmarks/bench_plan.py checks them: within +-25% of `mx.get_peak_memory`).
 No mlx import at module level: the CLI and `plan` tests stay light.
@@ -116,6 +116,7 @@ class RunShape:
     selective_loss: bool = True
     trained_fraction: float = 1.0  # trained targets / positions (from the data; 1 = worst case)
     row_len: int | None = None  # padded row length when it is shorter than max_seq_len
+    block_attention: bool | None = None  # None: as `model.attention.applies_to` decides here
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,10 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     w = shape.widths()
     per_token = C_HIDDEN * w["D"] + C_INTER * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
     scores = rows * shape.n_heads * L * L * a  # one (B, H, L, L) array
+    if _block_attention(config, run):  # only the blocks a causal mask leaves (the CPU)
+        from mlxsft.model.attention import kept_fraction
+
+        scores = int(scores * kept_fraction(L))
     if run.grad_checkpoint:  # kept between blocks + one block's recompute and backward
         block = n_tok * per_token * a + C_CK_ATTN * scores
         activations = int(shape.n_layers * C_CK_KEEP * n_tok * w["D"] * a + block)
@@ -204,6 +209,14 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     return MemoryEstimate(
         weights, adapters, gradients, optimizer, activations, loss, overhead, tuple(notes)
     )
+
+
+def _block_attention(config: dict, run: RunShape) -> bool:
+    if run.block_attention is not None:
+        return run.block_attention
+    from mlxsft.model.attention import applies_to  # imports mlx: only when estimating
+
+    return applies_to(config.get("model_type"))
 
 
 # --------------------------------------------------------------------------------- budget

@@ -73,13 +73,29 @@ def causal_attention(
     return out.reshape(B, H, L, -1)
 
 
+def kept_fraction(length: int, block: int = BLOCK) -> float:
+    """Scores computed (and probabilities kept for the backward pass) per layer by
+    `causal_attention`, as a fraction of MLX's L x L."""
+    return sum((min(a + block, length) - a) * min(a + block, length)
+               for a in range(0, length, block)) / length**2  # fmt: skip
+
+
+def _enabled() -> bool:
+    return mx.default_device() == mx.cpu and os.environ.get("MLXSFT_BLOCK_ATTENTION") != "0"
+
+
+def applies_to(model_type: str | None) -> bool:
+    """Whether `use_block_attention` switches models of `model_type` in this process."""
+    return _enabled() and _mlxlm.has_plain_attention(model_type)
+
+
 def use_block_attention(model: nn.Module) -> int:
     """On the CPU backend, make the verified attention layers of THIS model use
     `causal_attention` when called without a KV cache (training, evaluation); returns how many.
     Each instance's `__class__` becomes a subclass of its class (one per class); generation
     (with a cache), other devices and other masks keep the model's own code. Call before
     compiling. `MLXSFT_BLOCK_ATTENTION=0` turns it off (for comparisons)."""
-    if mx.default_device() != mx.cpu or os.environ.get("MLXSFT_BLOCK_ATTENTION") == "0":
+    if not _enabled():
         return 0
     attentions = _mlxlm.plain_attentions(model)
     for attn in attentions:

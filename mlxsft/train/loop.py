@@ -202,6 +202,9 @@ class _Run:
             log(note)
         if self.loss != cfg.loss:
             log(f"loss: {self.loss} logits (a vocabulary this small gains nothing from {cfg.loss})")
+        if self.step_fn.block_attention_layers:
+            log(f"attention: causal blocks on the CPU ({self.step_fn.block_attention_layers} "
+                "layers; MLXSFT_BLOCK_ATTENTION=0 uses MLX's own)")  # fmt: skip
         warning = self._memory_warning()
         if warning:
             log(warning)

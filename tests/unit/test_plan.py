@@ -186,3 +186,26 @@ def test_run_shape_follows_the_loss_flag():
 
     assert plan.run_shape(TrainConfig(model="m", data="d")).selective_loss is True
     assert plan.run_shape(TrainConfig(model="m", data="d", loss="full")).selective_loss is False
+
+
+def test_block_attention_keeps_only_the_causal_blocks():
+    """On the CPU, llama-family attention keeps sum over blocks of rows x visible keys scores
+    per layer instead of L x L (mlxsft/model/attention.py); other architectures keep L x L."""
+    from mlxsft.model.attention import applies_to, kept_fraction
+
+    assert kept_fraction(256, block=128) == (128 * 128 + 128 * 256) / 256**2 == 0.75
+    assert kept_fraction(100, block=128) == 1.0
+    run = RunShape(batch_size=2, max_seq_len=512)
+    on = estimate_peak_memory(SMALL, run, block_attention=True)
+    off = estimate_peak_memory(SMALL, run, block_attention=False)
+    scores = 2 * 4 * 512 * 512 * 4  # (B, H, L, L) float32
+    kept = (128 * 128 + 128 * 256 + 128 * 384 + 128 * 512) * 2 * 4 * 4  # 4 blocks of 128 rows
+    assert off.activations - on.activations == 2 * plan.C_ATTN * (scores - kept)  # 2 layers
+    assert applies_to("llama") and applies_to("mistral") and applies_to("qwen3")
+    assert not applies_to("gemma") and not applies_to("phi3")
+    assert estimate_peak_memory(SMALL, run).total == on.total  # this machine: the CPU
+    gemma = dict(SMALL, model_type="gemma")
+    assert (
+        estimate_peak_memory(gemma, run).total
+        == estimate_peak_memory(gemma, run, block_attention=False).total
+    )
