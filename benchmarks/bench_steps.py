@@ -10,7 +10,8 @@ all layers) and runs every batch through
 - `mlxsft, MLX attention`: the same with `MLXSFT_BLOCK_ATTENTION=0` (MLX's own attention);
 - `mlxsft, --loss full`: the same with the full-logits loss.
 Each variant loads its own model, runs the epoch once to compile every shape, then once more
-timed. Reports seconds per epoch (compiled), the ratio to mlx_lm and peak memory.
+timed. Reports seconds per epoch (compiled), the ratio to mlx_lm and peak memory, and how many
+positions mlx_lm.lora's own batching (file order) would process instead.
 
     python benchmarks/bench_steps.py                 # ~15 min on 2 idle cores
     python benchmarks/bench_steps.py --variants mlx_lm mlxsft
@@ -97,7 +98,23 @@ def run_variant(tool: str, loss: str, model: str, data: str) -> dict:
         seconds.append(time.perf_counter() - t)
     real = int(sum(int((b.segment_ids > 0).sum()) for b in batches))
     return {"seconds": seconds, "peak_gb": mx.get_peak_memory() / 2**30, "tokens": real,
-            "lengths": [int(b.shape[1]) for b in batches]}  # fmt: skip
+            "lengths": [int(b.shape[1]) for b in batches],
+            "positions": int(sum(b.inputs.size for b in batches)),
+            "mlx_lm_lora": mlx_lm_lora_positions([e.n_tokens for e in prep.train], 4, 512)}  # fmt: skip
+
+
+def mlx_lm_lora_positions(n_tokens: list[int], batch: int, max_len: int) -> dict:
+    """Positions (and sum of squared row lengths, for attention) of the batches mlx_lm.lora
+    0.32 builds from rows of `n_tokens` in file order: its length sort keys on the raw row
+    dict, so a batch is `batch` consecutive rows, padded to 1 + a multiple of 32 (at most
+    max_len) and shifted by one; a last partial batch is dropped."""
+    positions = squares = 0
+    for k in range(0, len(n_tokens) - batch + 1, batch):
+        longest = max(n_tokens[k : k + batch])
+        width = min(1 + 32 * -(-longest // 32), max_len) - 1
+        positions += batch * width
+        squares += batch * width**2
+    return {"positions": positions, "squares": squares}
 
 
 def main() -> None:
@@ -131,6 +148,11 @@ def main() -> None:
     first = next(iter(results.values()))
     print(f"\nSmolLM2-135M f32, {len(first['seconds'])} padded batches of 4 (lengths "
           f"{first['lengths']}), {first['tokens']} real tokens; compiled, second pass timed\n")  # fmt: skip
+    theirs, ours = first["mlx_lm_lora"], first["positions"]
+    squares = sum(4 * n**2 for n in first["lengths"])
+    print(f"mlx_lm.lora itself batches the file in order: {theirs['positions']} positions "
+          f"({theirs['positions'] / ours:.2f}x these batches' {ours}) and "
+          f"{theirs['squares'] / squares:.2f}x their attention work (sum of L^2)\n")  # fmt: skip
     print("| step | seconds per epoch | vs mlx_lm | tokens/s | peak memory (GiB) |")
     print("|---|---|---|---|---|")
     for name, r in results.items():

@@ -4,8 +4,9 @@ On the CPU, `mx.fast.scaled_dot_product_attention` is a composite of plain ops: 
 query against every key, masks the upper triangle and runs a softmax over all L x L entries, and
 MLX's CPU element-wise ops are scalar (an `exp` costs ~15 ns). `causal_attention` splits the
 queries into blocks of `BLOCK` rows and scores block [a, b) only against keys [0, b): about
-(n + 1) / 2n of the work and of the probabilities kept for the backward pass (n blocks), with the
-same result. Grouped-query heads share their keys by broadcasting, without a copy.
+(n + 1) / 2n of the work (n blocks), with the same result. Each block's backward pass recomputes
+its probabilities (as flash attention does), so no L x L array is kept for the backward pass.
+Grouped-query heads share their keys by broadcasting, without a copy.
 
 `_mlxlm.use_block_attention` decides where it runs (the CPU, training and evaluation, verified
 attention classes); tests/unit/test_attention.py checks outputs and gradients against the model's
@@ -63,21 +64,44 @@ def causal_attention(
     outs = []
     for a in range(0, L, block):
         b = min(a + block, L)
-        scores = q[:, :, :, a:b] @ k_t[..., :b]  # (B, KV, G, b - a, b)
         # (B, 1, 1, b - a, b) from the caller's mask, else plain causal (b - a, b)
         allowed = mask[:, :, None, a:b, :b] if boolean else pos[None, :b] <= pos[a:b, None]
-        scores = mx.where(allowed, scores, mx.array(-mx.inf, scores.dtype))
-        probs = mx.softmax(scores, axis=-1, precise=True)
-        outs.append(probs @ v[..., :b, :])
+        outs.append(_block(q[:, :, :, a:b], k_t[..., :b], v[..., :b, :], allowed))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, -1)
 
 
-def kept_fraction(length: int, block: int = BLOCK) -> float:
-    """Scores computed (and probabilities kept for the backward pass) per layer by
-    `causal_attention`, as a fraction of MLX's L x L."""
-    return sum((min(a + block, length) - a) * min(a + block, length)
-               for a in range(0, length, block)) / length**2  # fmt: skip
+@mx.custom_function
+def _block(q: mx.array, k_t: mx.array, v: mx.array, allowed: mx.array) -> mx.array:
+    """One query block: q (B, KV, G, n, D) already scaled, k_t (B, KV, 1, D, m), v (B, KV, 1,
+    m, Dv), `allowed` (n, m) or (B, 1, 1, n, m). Its VJP recomputes the probabilities instead
+    of keeping them: nothing of size n x m outlives the block (and on the CPU this backward
+    is no slower than differentiating the softmax, which takes more element-wise passes)."""
+    return _probs(q, k_t, allowed) @ v
+
+
+def _probs(q: mx.array, k_t: mx.array, allowed: mx.array) -> mx.array:
+    scores = mx.where(allowed, q @ k_t, mx.array(-mx.inf, q.dtype))
+    return mx.softmax(scores, axis=-1, precise=True)
+
+
+@_block.vjp
+def _block_vjp(primals: list[mx.array], d_out: mx.array, out: mx.array) -> tuple:
+    q, k_t, v, allowed = primals
+    probs = _probs(q, k_t, allowed)
+    d_v = (probs.swapaxes(-1, -2) @ d_out).sum(axis=2, keepdims=True)  # sum the shared heads
+    d_probs = d_out @ v.swapaxes(-1, -2)
+    # softmax backward: P * (dP - rowsum(dP * P)), and rowsum(dP * P) == rowsum(dO * O)
+    d_scores = probs * (d_probs - (d_out * out).sum(axis=-1, keepdims=True))
+    d_q = d_scores @ k_t.swapaxes(-1, -2)
+    d_k_t = (q.swapaxes(-1, -2) @ d_scores).sum(axis=2, keepdims=True)
+    return d_q, d_k_t, d_v, mx.zeros_like(allowed)
+
+
+def largest_block(length: int, block: int = BLOCK) -> int:
+    """Scores per (row, head) in `causal_attention`'s largest block (the last: block x L); the
+    only L-quadratic arrays alive at a time, in the forward and in the backward pass."""
+    return min(block, length) * length
 
 
 def _enabled() -> bool:

@@ -95,6 +95,7 @@ class _Run:
     """One training run: set up in __init__, then `run()`."""
 
     def __init__(self, cfg: TrainConfig, world: World, stream: Any = None):
+        from mlxsft.model.attention import use_block_attention
         from mlxsft.train.loss import choose_loss
         from mlxsft.train.schedule import build_optimizer, build_schedule
         from mlxsft.train.setup import prepare
@@ -124,6 +125,7 @@ class _Run:
                 self.prep.notes.append(note)
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
+        self.block_attention = use_block_attention(self.model)  # the steps would do it too
         self.lengths = [e.n_tokens for e in self.prep.train]
         self.plans, self.plans_epoch = self._plans_for(0), 0
         total = cfg.iters if cfg.iters is not None else (cfg.epochs or 1) * len(self.plans)
@@ -202,9 +204,9 @@ class _Run:
             log(note)
         if self.loss != cfg.loss:
             log(f"loss: {self.loss} logits (a vocabulary this small gains nothing from {cfg.loss})")
-        if self.step_fn.block_attention_layers:
-            log(f"attention: causal blocks on the CPU ({self.step_fn.block_attention_layers} "
-                "layers; MLXSFT_BLOCK_ATTENTION=0 uses MLX's own)")  # fmt: skip
+        if self.block_attention:
+            log(f"attention: causal blocks on the CPU ({self.block_attention} layers; "
+                "MLXSFT_BLOCK_ATTENTION=0 uses MLX's own)")  # fmt: skip
         warning = self._memory_warning()
         if warning:
             log(warning)

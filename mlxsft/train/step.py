@@ -47,7 +47,7 @@ class TrainStep:
 
     Enable grad checkpointing and restore checkpoints before the first call (tracing bakes in
     the layer code; state containers are re-read every call). On the CPU, verified attention
-    layers switch to `causal_attention` (`block_attention_layers` counts them). `last_grad_norm` is the global
+    layers switch to `causal_attention`. `last_grad_norm` is the global
     gradient norm before clipping; `n_compilations` counts traces (0 with compile=False).
     A NaN/inf loss is returned as is (the update already ran):
     the caller stops the run.
@@ -68,7 +68,7 @@ class TrainStep:
         self.max_grad_norm, self.compile, self.all_reduce = max_grad_norm, compile, all_reduce
         self.loss, self.chunk_size = loss, chunk_size
         self.n_compilations = 0
-        self.block_attention_layers = use_block_attention(model)
+        use_block_attention(model)
         self.last_grad_norm: float | None = None
         self._state: list[Any] = []
         self._refresh_state()

@@ -61,12 +61,13 @@ def test_small_estimate_parts_exactly():
 
 
 def test_each_knob_moves_the_right_part():
-    base = estimate_peak_memory(QWEN05, batch_size=4, max_seq_len=2048)
-    ckpt = estimate_peak_memory(QWEN05, batch_size=4, max_seq_len=2048, grad_checkpoint=True)
-    plain = estimate_peak_memory(QWEN05, batch_size=4, max_seq_len=2048, selective_loss=False)
-    q4 = estimate_peak_memory(QWEN05, batch_size=4, max_seq_len=2048, quantize=4)
-    full = estimate_peak_memory(QWEN05, batch_size=4, max_seq_len=2048, fine_tune_type="full")
-    half = estimate_peak_memory(QWEN05, batch_size=4, max_seq_len=2048, grad_accum=2)
+    kw = {"batch_size": 4, "max_seq_len": 2048, "block_attention": False}  # MLX's attention
+    base = estimate_peak_memory(QWEN05, **kw)
+    ckpt = estimate_peak_memory(QWEN05, **kw, grad_checkpoint=True)
+    plain = estimate_peak_memory(QWEN05, **kw, selective_loss=False)
+    q4 = estimate_peak_memory(QWEN05, **kw, quantize=4)
+    full = estimate_peak_memory(QWEN05, **kw, fine_tune_type="full")
+    half = estimate_peak_memory(QWEN05, **kw, grad_accum=2)
     assert ckpt.activations < base.activations / 5 and ckpt.weights == base.weights
     # full logits: 4 x 2048 x 151936 float32 = 4.6 GiB, times the arrays alive at once
     assert plain.loss == int(4 * 2048 * 151936 * 4 * plan.C_LOGITS) and plain.loss > 5 * base.loss
@@ -188,19 +189,22 @@ def test_run_shape_follows_the_loss_flag():
     assert plan.run_shape(TrainConfig(model="m", data="d", loss="full")).selective_loss is False
 
 
-def test_block_attention_keeps_only_the_causal_blocks():
-    """On the CPU, llama-family attention keeps sum over blocks of rows x visible keys scores
-    per layer instead of L x L (mlxsft/model/attention.py); other architectures keep L x L."""
-    from mlxsft.model.attention import applies_to, kept_fraction
+def test_block_attention_keeps_no_score_arrays():
+    """On the CPU, llama-family attention (mlxsft/model/attention.py) keeps no (B, H, L, L)
+    array for the backward pass; C_BLOCK arrays of its largest block (128 x L) are alive at
+    once. Other architectures keep one (B, H, L, L) array per layer."""
+    from mlxsft.model.attention import applies_to, largest_block
 
-    assert kept_fraction(256, block=128) == (128 * 128 + 128 * 256) / 256**2 == 0.75
-    assert kept_fraction(100, block=128) == 1.0
+    assert largest_block(512) == 128 * 512 and largest_block(100) == 100 * 100
     run = RunShape(batch_size=2, max_seq_len=512)
     on = estimate_peak_memory(SMALL, run, block_attention=True)
     off = estimate_peak_memory(SMALL, run, block_attention=False)
     scores = 2 * 4 * 512 * 512 * 4  # (B, H, L, L) float32
-    kept = (128 * 128 + 128 * 256 + 128 * 384 + 128 * 512) * 2 * 4 * 4  # 4 blocks of 128 rows
-    assert off.activations - on.activations == 2 * plan.C_ATTN * (scores - kept)  # 2 layers
+    block = 2 * 4 * 128 * 512 * 4
+    assert off.activations - on.activations == 2 * plan.C_ATTN * scores - plan.C_BLOCK * block
+    ck_on = estimate_peak_memory(SMALL, run, block_attention=True, grad_checkpoint=True)
+    ck_off = estimate_peak_memory(SMALL, run, block_attention=False, grad_checkpoint=True)
+    assert ck_off.activations - ck_on.activations == plan.C_CK_ATTN * scores - plan.C_BLOCK * block
     assert applies_to("llama") and applies_to("mistral") and applies_to("qwen3")
     assert not applies_to("gemma") and not applies_to("phi3")
     assert estimate_peak_memory(SMALL, run).total == on.total  # this machine: the CPU
