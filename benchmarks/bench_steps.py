@@ -48,6 +48,7 @@ def run_variant(tool: str, loss: str, model: str, data: str) -> dict:
 
     from mlxsft.config import TrainConfig
     from mlxsft.data.batching import epoch_batches
+    from mlxsft.model.attention import use_block_attention
     from mlxsft.train.setup import prepare
     from mlxsft.train.step import make_train_step
 
@@ -59,6 +60,7 @@ def run_variant(tool: str, loss: str, model: str, data: str) -> dict:
     batches = epoch_batches(prep.train, batch_size=4, max_seq_len=512, pack=False, seed=0, epoch=0)
     opt = optim.Adam(learning_rate=1e-4)
     if tool == "mlxsft":
+        use_block_attention(prep.model)  # as `mlxsft train` does (MLXSFT_BLOCK_ATTENTION=0: off)
         step = make_train_step(prep.model, opt, max_grad_norm=None, loss=loss)
 
         def run(b) -> None:

@@ -4,7 +4,8 @@ settings, and recommend settings that fit a budget (`mlxsft plan`, and `train`'s
 The estimate adds up what is alive at the peak (the end of the forward pass / start of backward):
 weights, adapters, gradients and optimizer state, activations saved for the backward pass
 (per layer x tokens, plus the (B, H, L, L) attention probabilities that MLX's attention keeps
-for its VJP; on the CPU, `model.attention` keeps none, and one block is alive at a time), the LM-head/loss working set (full logits, or one chunk with the selective loss) and
+for its VJP; on the CPU, `model.attention` keeps only the causal blocks, and none with
+--grad-checkpoint), the LM-head/loss working set (full logits, or one chunk with the selective loss) and
 a compile/allocator overhead. Coefficients were measured with mlxsft's compiled step
 (benchmarks/bench_plan.py checks them: within +-25% of `mx.get_peak_memory`).
 No mlx import at module level: the CLI and `plan` tests stay light.
@@ -33,8 +34,9 @@ C_ATTN = 1.0  # (B, H, L, L) arrays kept per layer: the probabilities (the score
 # (probabilities, their gradient and the scores' gradient) while that block is recomputed.
 C_CK_KEEP = 6.0
 C_CK_ATTN = 3.0
-# CPU block attention (mlxsft/model/attention.py) keeps no (L, L) array; at most C_BLOCK arrays
-# of its largest block (scores, probabilities and their gradients) are alive at once.
+# CPU block attention (mlxsft/model/attention.py) keeps the causal blocks' probabilities; with
+# --grad-checkpoint it recomputes them: then at most C_BLOCK arrays of its largest block
+# (scores, probabilities and their gradients) are alive at once.
 C_BLOCK = 4.0
 C_LOGITS = 3.0  # full-logits loss: float32 (N, V) arrays alive at once (logits, lse, gradient)
 C_CHUNK = 5.0  # selective loss: (C, V) float32 arrays alive at once in one chunk's backward
@@ -188,17 +190,17 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     w = shape.widths()
     per_token = C_HIDDEN * w["D"] + C_INTER * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
     scores = rows * shape.n_heads * L * L * a  # one (B, H, L, L) array
-    if _block_attention(config, run):  # the CPU: no (L, L) array is kept, one block is alive
-        from mlxsft.model.attention import largest_block
+    kept, working = C_ATTN * scores, 0
+    if _block_attention(config, run):  # the CPU: the causal blocks; recomputed with ckpt
+        from mlxsft.model.attention import kept_fraction, largest_block
 
-        kept, working = 0, int(C_BLOCK * rows * shape.n_heads * largest_block(L) * a)
-    else:
-        kept, working = C_ATTN * scores, 0
+        kept *= kept_fraction(L)
+        working = int(C_BLOCK * rows * shape.n_heads * largest_block(L) * a)
     if run.grad_checkpoint:  # kept between blocks + one block's recompute and backward
         block = n_tok * per_token * a + (working or C_CK_ATTN * scores)
         activations = int(shape.n_layers * C_CK_KEEP * n_tok * w["D"] * a + block)
     else:
-        activations = int(shape.n_layers * (n_tok * per_token * a + kept) + working)
+        activations = int(shape.n_layers * (n_tok * per_token * a + kept))
     from mlxsft.train.loss import SELECTIVE_MIN_VOCAB, default_chunk_size  # mlx already needed
 
     if run.selective_loss and shape.vocab >= SELECTIVE_MIN_VOCAB:  # as `loss.choose_loss`

@@ -4,8 +4,9 @@ On the CPU, `mx.fast.scaled_dot_product_attention` is a composite of plain ops: 
 query against every key, masks the upper triangle and runs a softmax over all L x L entries, and
 MLX's CPU element-wise ops are scalar (an `exp` costs ~15 ns). `causal_attention` splits the
 queries into blocks of `BLOCK` rows and scores block [a, b) only against keys [0, b): about
-(n + 1) / 2n of the work (n blocks), with the same result. Each block's backward pass recomputes
-its probabilities (as flash attention does), so no L x L array is kept for the backward pass.
+(n + 1) / 2n of the work and of the probabilities kept for the backward pass (n blocks), with
+the same result. With `recompute` (under --grad-checkpoint) each block's backward pass
+recomputes its probabilities instead (as flash attention does): no L x L array is kept at all.
 Grouped-query heads share their keys by broadcasting, without a copy.
 
 `_mlxlm.use_block_attention` decides where it runs (the CPU, training and evaluation, verified
@@ -47,12 +48,14 @@ def causal_attention(
     scale: float,
     mask: mx.array | str | None = None,
     block: int = BLOCK,
+    recompute: bool = False,
 ) -> mx.array:
     """softmax(scale * Q K^T + causal mask) V, block by block.
 
     queries (B, H, L, D), keys and values (B, KV, L, D) with H a multiple of KV; `mask` as in
     `handles_mask` (a bool mask must allow every key the causal mask allows it to see, and no
-    later key). Returns (B, H, L, D) in the queries' dtype.
+    later key). `recompute`: the backward pass recomputes each block's probabilities instead
+    of keeping them (less memory, more time). Returns (B, H, L, D) in the queries' dtype.
     """
     B, H, L, D = queries.shape
     kv = keys.shape[1]
@@ -66,7 +69,8 @@ def causal_attention(
         b = min(a + block, L)
         # (B, 1, 1, b - a, b) from the caller's mask, else plain causal (b - a, b)
         allowed = mask[:, :, None, a:b, :b] if boolean else pos[None, :b] <= pos[a:b, None]
-        outs.append(_block(q[:, :, :, a:b], k_t[..., :b], v[..., :b, :], allowed))
+        args = (q[:, :, :, a:b], k_t[..., :b], v[..., :b, :], allowed)
+        outs.append(_block(*args) if recompute else _probs(*args[:2], allowed) @ args[2])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, -1)
 
@@ -75,8 +79,7 @@ def causal_attention(
 def _block(q: mx.array, k_t: mx.array, v: mx.array, allowed: mx.array) -> mx.array:
     """One query block: q (B, KV, G, n, D) already scaled, k_t (B, KV, 1, D, m), v (B, KV, 1,
     m, Dv), `allowed` (n, m) or (B, 1, 1, n, m). Its VJP recomputes the probabilities instead
-    of keeping them: nothing of size n x m outlives the block (and on the CPU this backward
-    is no slower than differentiating the softmax, which takes more element-wise passes)."""
+    of keeping them: nothing of size n x m outlives the block."""
     return _probs(q, k_t, allowed) @ v
 
 
@@ -88,6 +91,10 @@ def _probs(q: mx.array, k_t: mx.array, allowed: mx.array) -> mx.array:
 @_block.vjp
 def _block_vjp(primals: list[mx.array], d_out: mx.array, out: mx.array) -> tuple:
     q, k_t, v, allowed = primals
+    # Depending on the cotangent makes this a new computation: otherwise `mx.compile` merges it
+    # with the forward pass's identical one, whose probabilities then stay alive (as in
+    # mx.checkpoint).
+    q, k_t = mx.depends([q, k_t], [d_out])
     probs = _probs(q, k_t, allowed)
     d_v = (probs.swapaxes(-1, -2) @ d_out).sum(axis=2, keepdims=True)  # sum the shared heads
     d_probs = d_out @ v.swapaxes(-1, -2)
@@ -96,6 +103,13 @@ def _block_vjp(primals: list[mx.array], d_out: mx.array, out: mx.array) -> tuple
     d_q = d_scores @ k_t.swapaxes(-1, -2)
     d_k_t = (q.swapaxes(-1, -2) @ d_scores).sum(axis=2, keepdims=True)
     return d_q, d_k_t, d_v, mx.zeros_like(allowed)
+
+
+def kept_fraction(length: int, block: int = BLOCK) -> float:
+    """Scores computed (and probabilities kept for the backward pass, without `recompute`) per
+    layer by `causal_attention`, as a fraction of MLX's L x L."""
+    return sum((min(a + block, length) - a) * min(a + block, length)
+               for a in range(0, length, block)) / length**2  # fmt: skip
 
 
 def largest_block(length: int, block: int = BLOCK) -> int:
@@ -113,9 +127,10 @@ def applies_to(model_type: str | None) -> bool:
     return _enabled() and _mlxlm.has_plain_attention(model_type)
 
 
-def use_block_attention(model: nn.Module) -> int:
+def use_block_attention(model: nn.Module, *, recompute: bool = False) -> int:
     """On the CPU backend, make the verified attention layers of THIS model use
-    `causal_attention` when called without a KV cache (training, evaluation); returns how many.
+    `causal_attention` (with `recompute`) when called without a KV cache (training,
+    evaluation); returns how many.
     Each instance's `__class__` becomes a subclass of its class (one per class); generation
     (with a cache), other devices and other masks keep the model's own code. Call before
     compiling. `MLXSFT_BLOCK_ATTENTION=0` turns it off (for comparisons)."""
@@ -125,6 +140,7 @@ def use_block_attention(model: nn.Module) -> int:
     for attn in attentions:
         if not getattr(type(attn), "_mlxsft_block_attention", False):
             attn.__class__ = _block_class(type(attn))
+        attn._mlxsft_recompute = recompute
     return len(attentions)
 
 
@@ -144,7 +160,8 @@ def _block_class(base: type) -> type:
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-            out = causal_attention(self.rope(q), self.rope(k), v, self.scale, mask)
+            out = causal_attention(self.rope(q), self.rope(k), v, self.scale, mask,
+                                   recompute=self._mlxsft_recompute)  # fmt: skip
             return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
         _BLOCK_CLASSES[base] = type(

@@ -75,6 +75,7 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """`mlxsft eval`: loss, perplexity and trained tokens of cfg.model (+ cfg.adapter) on
     cfg.data, batched and masked as training does (`on_batch` as in `evaluate`)."""
+    from mlxsft.model.attention import use_block_attention
     from mlxsft.train.loss import choose_loss
     from mlxsft.train.setup import encode_rows, load_model, read_split, use_packing
     from mlxsft.train.step import make_eval_step
@@ -87,6 +88,7 @@ def evaluate_model(
     for line in notes:
         print(line, file=sys.stderr)
     model = loaded.model
+    use_block_attention(model)
     label = split if Path(cfg.data).is_dir() else Path(cfg.data).name
     encoded, note = encode_rows(cfg, loaded.tokenizer, rows, label)
     loss, n = evaluate(

@@ -125,7 +125,8 @@ class _Run:
                 self.prep.notes.append(note)
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
-        self.block_attention = use_block_attention(self.model)  # the steps would do it too
+        # the CPU: causal attention by blocks; --grad-checkpoint also recomputes them
+        self.block_attention = use_block_attention(self.model, recompute=cfg.grad_checkpoint)
         self.lengths = [e.n_tokens for e in self.prep.train]
         self.plans, self.plans_epoch = self._plans_for(0), 0
         total = cfg.iters if cfg.iters is not None else (cfg.epochs or 1) * len(self.plans)

@@ -25,7 +25,6 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from mlxsft import _mlxlm
 from mlxsft.data.batching import Batch
-from mlxsft.model.attention import use_block_attention
 from mlxsft.train.loss import ce_sum, n_select_for
 
 AllReduce = Callable[[mx.array], mx.array]
@@ -46,8 +45,7 @@ class TrainStep:
     """`step(micro_batches) -> (mean loss over trained tokens, trained tokens)`, all ranks.
 
     Enable grad checkpointing and restore checkpoints before the first call (tracing bakes in
-    the layer code; state containers are re-read every call). On the CPU, verified attention
-    layers switch to `causal_attention`. `last_grad_norm` is the global
+    the layer code; state containers are re-read every call). `last_grad_norm` is the global
     gradient norm before clipping; `n_compilations` counts traces (0 with compile=False).
     A NaN/inf loss is returned as is (the update already ran):
     the caller stops the run.
@@ -68,7 +66,6 @@ class TrainStep:
         self.max_grad_norm, self.compile, self.all_reduce = max_grad_norm, compile, all_reduce
         self.loss, self.chunk_size = loss, chunk_size
         self.n_compilations = 0
-        use_block_attention(model)
         self.last_grad_norm: float | None = None
         self._state: list[Any] = []
         self._refresh_state()
@@ -216,7 +213,6 @@ class EvalStep:
     ) -> None:
         self.model, self.compile, self.loss = model, compile, loss
         self.n_compilations = 0
-        use_block_attention(model)
 
         def fn(inputs, targets, target_mask, seg, n_select):
             if compile:  # runs only while mx.compile traces

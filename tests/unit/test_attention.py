@@ -33,14 +33,15 @@ def _reference(q, k, v, mask):
 
 @pytest.mark.parametrize("L,block", [(1, 4), (7, 4), (8, 4), (37, 8), (40, 128), (64, 16)])
 @pytest.mark.parametrize("packed", [False, True])
-def test_same_outputs_and_gradients_as_mlx_attention(L, block, packed):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_same_outputs_and_gradients_as_mlx_attention(L, block, packed, recompute):
     B, H, KV = 2, 6, 2  # grouped-query heads: 3 queries per key
     q, k, v = _qkv(B, H, KV, L)
     mask = _packed_mask(B, L) if packed else "causal"
     cot = mx.array(np.random.default_rng(1).normal(size=(B, H, L, 8)).astype(np.float32))
 
     def ours(q, k, v):
-        return causal_attention(q, k, v, 0.3, mask, block=block)
+        return causal_attention(q, k, v, 0.3, mask, block=block, recompute=recompute)
 
     def ref(q, k, v):
         return _reference(q, k, v, mask)
@@ -71,19 +72,22 @@ def test_handles_only_masks_it_understands():
     assert not handles_mask(mx.ones((2, 5, 5), mx.bool_), 5)
 
 
-def _trainable_grads(model: nn.Module, inputs: mx.array, mask: mx.array | None):
-    def loss(params):
-        model.update(params)
-        h = _mlxlm.hidden_states(model, inputs, mask)
-        return (h * mx.arange(h.shape[-1], dtype=h.dtype)).sum() / h.size
+def _loss(model: nn.Module, inputs: mx.array, mask: mx.array | None) -> mx.array:
+    h = _mlxlm.hidden_states(model, inputs, mask)
+    return (h * mx.arange(h.shape[-1], dtype=h.dtype)).sum() / h.size
 
-    value, grads = mx.value_and_grad(loss)(model.trainable_parameters())
+
+def _trainable_grads(model: nn.Module, inputs: mx.array, mask: mx.array | None, compiled=False):
+    fn = nn.value_and_grad(model, lambda x: _loss(model, x, mask))
+    if compiled:
+        fn = mx.compile(fn, inputs=[model.state])
+    value, grads = fn(inputs)
     return float(value), dict(tree_flatten(grads))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize("packed", [False, True])
-def test_models_train_the_same_with_block_attention(tiny_checkpoint, arch, packed):
+@pytest.mark.parametrize("packed,recompute", [(False, False), (True, False), (True, True)])
+def test_models_train_the_same_with_block_attention(tiny_checkpoint, arch, packed, recompute):
     path = tiny_checkpoint(arch, n_layers=2, n_heads=4, n_kv_heads=2)
     models = []
     for _ in range(2):
@@ -95,13 +99,18 @@ def test_models_train_the_same_with_block_attention(tiny_checkpoint, arch, packe
                   if k.endswith("lora_b")]  # fmt: skip
         model.update(tree_unflatten(lora_b))  # non-zero B, so A gets gradients too
         models.append(model)
-    assert use_block_attention(models[1]) == 2
+    assert use_block_attention(models[1], recompute=recompute) == 2
     assert type(models[1].layers[0].self_attn).__name__.startswith("BlockAttention")
     L = 300  # three blocks of 128, the last one partial
     inputs = mx.array(np.random.default_rng(0).integers(3, 500, (2, L)), mx.int32)
     mask = _packed_mask(2, L) if packed else None
     v0, g0 = _trainable_grads(models[0], inputs, mask)
     v1, g1 = _trainable_grads(models[1], inputs, mask)
+    if recompute:  # compiled too: mx.compile must not merge the recomputation with the forward
+        v2, g2 = _trainable_grads(models[1], inputs, mask, compiled=True)
+        assert v2 == pytest.approx(v1, rel=1e-5) and g2.keys() == g1.keys()
+        for name in g1:
+            np.testing.assert_allclose(np.array(g2[name]), np.array(g1[name]), atol=1e-6)
     assert v1 == pytest.approx(v0, rel=1e-5, abs=1e-6)
     assert g0.keys() == g1.keys() and len(g0) == 2 * 7 * 2
     for name in g0:
@@ -128,3 +137,27 @@ def test_switch_off_for_comparisons(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("MLXSFT_BLOCK_ATTENTION", "0")
     assert use_block_attention(model) == 0
     assert not type(model.layers[0].self_attn).__name__.startswith("BlockAttention")
+
+
+def test_recompute_keeps_no_probabilities_even_when_compiled(tiny_checkpoint):
+    """Under mx.compile the recomputation must stay a separate computation (else compile merges
+    it with the forward pass and the probabilities stay alive): the compiled peak drops by about
+    the kept blocks' probabilities of every layer."""
+    path = tiny_checkpoint("llama", n_layers=2, n_heads=4, n_kv_heads=2)
+    inputs = mx.array(np.random.default_rng(0).integers(3, 500, (1, 512)), mx.int32)
+    peaks = {}
+    for recompute in (False, True):
+        model, _ = _mlxlm.load_model(path)
+        apply_adapters(model, fine_tune_type="lora", rank=4, alpha=8.0, dropout=0.0,
+                       target_modules="all-linear", num_layers=-1)  # fmt: skip
+        use_block_attention(model, recompute=recompute)
+        mx.eval(model.parameters())  # no lazy initialisers inside the trace
+        step = mx.compile(nn.value_and_grad(model, lambda x, m=model: _loss(m, x, None)),
+                          inputs=[model.state], outputs=[model.state])  # fmt: skip
+        mx.eval(step(inputs))  # compile outside the measurement
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(step(inputs))
+        peaks[recompute] = mx.get_peak_memory()
+    kept = 2 * 4 * (128 * 128 + 128 * 256 + 128 * 384 + 128 * 512) * 4  # 2 layers, 4 heads
+    assert peaks[False] - peaks[True] > 0.8 * kept, (peaks, kept)  # measured: 0.95 x kept

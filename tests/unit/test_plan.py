@@ -189,21 +189,25 @@ def test_run_shape_follows_the_loss_flag():
     assert plan.run_shape(TrainConfig(model="m", data="d", loss="full")).selective_loss is False
 
 
-def test_block_attention_keeps_no_score_arrays():
-    """On the CPU, llama-family attention (mlxsft/model/attention.py) keeps no (B, H, L, L)
-    array for the backward pass; C_BLOCK arrays of its largest block (128 x L) are alive at
-    once. Other architectures keep one (B, H, L, L) array per layer."""
-    from mlxsft.model.attention import applies_to, largest_block
+def test_block_attention_keeps_only_the_causal_blocks():
+    """On the CPU, llama-family attention (mlxsft/model/attention.py) keeps the probabilities of
+    its causal blocks (sum over blocks of rows x visible keys, not L x L) per layer; with
+    --grad-checkpoint it keeps none and C_BLOCK arrays of its largest block (128 x L) are alive.
+    Other architectures keep one (B, H, L, L) array per layer."""
+    from mlxsft.model.attention import applies_to, kept_fraction, largest_block
 
+    assert kept_fraction(256, block=128) == (128 * 128 + 128 * 256) / 256**2 == 0.75
+    assert kept_fraction(100, block=128) == 1.0
     assert largest_block(512) == 128 * 512 and largest_block(100) == 100 * 100
     run = RunShape(batch_size=2, max_seq_len=512)
     on = estimate_peak_memory(SMALL, run, block_attention=True)
     off = estimate_peak_memory(SMALL, run, block_attention=False)
     scores = 2 * 4 * 512 * 512 * 4  # (B, H, L, L) float32
-    block = 2 * 4 * 128 * 512 * 4
-    assert off.activations - on.activations == 2 * plan.C_ATTN * scores - plan.C_BLOCK * block
+    kept = (128 * 128 + 128 * 256 + 128 * 384 + 128 * 512) * 2 * 4 * 4  # 4 blocks of 128 rows
+    assert off.activations - on.activations == 2 * plan.C_ATTN * (scores - kept)  # 2 layers
     ck_on = estimate_peak_memory(SMALL, run, block_attention=True, grad_checkpoint=True)
     ck_off = estimate_peak_memory(SMALL, run, block_attention=False, grad_checkpoint=True)
+    block = 2 * 4 * 128 * 512 * 4
     assert ck_off.activations - ck_on.activations == plan.C_CK_ATTN * scores - plan.C_BLOCK * block
     assert applies_to("llama") and applies_to("mistral") and applies_to("qwen3")
     assert not applies_to("gemma") and not applies_to("phi3")
