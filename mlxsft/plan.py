@@ -35,8 +35,8 @@ C_ATTN = 1.0  # (B, H, L, L) arrays kept per layer: the probabilities (the score
 C_CK_KEEP = 6.0
 C_CK_ATTN = 3.0
 # CPU block attention (mlxsft/model/attention.py) keeps the causal blocks' probabilities; with
-# --grad-checkpoint it recomputes them: then at most C_BLOCK arrays of its largest block
-# (scores, probabilities and their gradients) are alive at once.
+# --grad-checkpoint and rows of RECOMPUTE_FROM tokens or more it recomputes them: then at most
+# C_BLOCK arrays of its largest block (scores, probabilities and their gradients) are alive.
 C_BLOCK = 4.0
 C_LOGITS = 3.0  # full-logits loss: float32 (N, V) arrays alive at once (logits, lse, gradient)
 C_CHUNK = 5.0  # selective loss: (C, V) float32 arrays alive at once in one chunk's backward
@@ -190,14 +190,16 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     w = shape.widths()
     per_token = C_HIDDEN * w["D"] + C_INTER * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
     scores = rows * shape.n_heads * L * L * a  # one (B, H, L, L) array
-    kept, working = C_ATTN * scores, 0
-    if _block_attention(config, run):  # the CPU: the causal blocks; recomputed with ckpt
-        from mlxsft.model.attention import kept_fraction, largest_block
+    fraction, working = 1.0, 0
+    if _block_attention(config, run):  # the CPU: the causal blocks; long rows recomputed (ckpt)
+        from mlxsft.model.attention import RECOMPUTE_FROM, kept_fraction, largest_block
 
-        kept *= kept_fraction(L)
-        working = int(C_BLOCK * rows * shape.n_heads * largest_block(L) * a)
+        fraction = kept_fraction(L)
+        if run.grad_checkpoint and L >= RECOMPUTE_FROM:
+            working = int(C_BLOCK * rows * shape.n_heads * largest_block(L) * a)
+    kept = C_ATTN * scores * fraction
     if run.grad_checkpoint:  # kept between blocks + one block's recompute and backward
-        block = n_tok * per_token * a + (working or C_CK_ATTN * scores)
+        block = n_tok * per_token * a + (working or C_CK_ATTN * scores * fraction)
         activations = int(shape.n_layers * C_CK_KEEP * n_tok * w["D"] * a + block)
     else:
         activations = int(shape.n_layers * (n_tok * per_token * a + kept))

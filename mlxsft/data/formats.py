@@ -87,12 +87,19 @@ def _normalise_into(row, fmt, where, examples: list[Example], errors: list[DataE
         errors.append(exc)
 
 
+def _keys(row: dict, limit: int = 12) -> str:
+    """A row's keys for a one-line message: unprintable ones (newlines...) as repr, at most
+    `limit` of them."""
+    keys = [k if k.isprintable() else repr(k) for k in sorted(row)]
+    more = f", ... ({len(keys)} keys)" if len(keys) > limit else ""
+    return (", ".join(keys[:limit]) or "none") + more
+
+
 def _unknown_row(row: Any, where: str) -> DataError:
     if not isinstance(row, dict):
         return DataError(f"row must be a JSON object, got {_type(row)}", where=where)
-    keys = ", ".join(sorted(row)) or "none"
     return DataError(
-        f"no known format keys (has: {keys})",
+        f"no known format keys (has: {_keys(row)})",
         where=where,
         hint="expected messages, conversations, instruction+output, prompt+completion or text",
     )
@@ -143,8 +150,7 @@ def read_conversation(path: str | Path) -> Example:
 def _normalise_chat(row: dict, where: str, *, prompt: bool = False) -> Example:
     key = "conversations" if "conversations" in row and "messages" not in row else "messages"
     if key not in row:
-        have = ", ".join(sorted(row)) or "none"
-        raise DataError(f"missing key 'messages' (has: {have})", where=where)
+        raise DataError(f"missing key 'messages' (has: {_keys(row)})", where=where)
     turns = row[key]
     if not isinstance(turns, list):
         raise DataError(f"{key!r} must be an array, got {_type(turns)}", where=where)
@@ -245,8 +251,7 @@ def _tools(row: dict, where: str) -> list[dict] | None:
 def _str_field(row: dict, key: str, where: str, *, required: bool = True, nonempty=False) -> str:
     if key not in row or row[key] is None:
         if required:
-            have = ", ".join(sorted(row)) or "none"
-            raise DataError(f"missing key {key!r} (has: {have})", where=where)
+            raise DataError(f"missing key {key!r} (has: {_keys(row)})", where=where)
         return ""
     value = row[key]
     if not isinstance(value, str):

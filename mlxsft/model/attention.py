@@ -5,13 +5,13 @@ query against every key, masks the upper triangle and runs a softmax over all L 
 MLX's CPU element-wise ops are scalar (an `exp` costs ~15 ns). `causal_attention` splits the
 queries into blocks of `BLOCK` rows and scores block [a, b) only against keys [0, b): about
 (n + 1) / 2n of the work and of the probabilities kept for the backward pass (n blocks), with
-the same result. With `recompute` (under --grad-checkpoint) each block's backward pass
-recomputes its probabilities instead (as flash attention does): no L x L array is kept at all.
+the same result. With `recompute` (under --grad-checkpoint, for long rows) each block's backward
+pass recomputes its probabilities instead (as flash attention does): no L x L array is kept.
 Grouped-query heads share their keys by broadcasting, without a copy.
 
-`_mlxlm.use_block_attention` decides where it runs (the CPU, training and evaluation, verified
-attention classes); tests/unit/test_attention.py checks outputs and gradients against the model's
-own attention.
+`use_block_attention` decides where it runs (the CPU backend; training and evaluation, not
+generation with a KV cache; the attention classes `_mlxlm.plain_attentions` lists);
+tests/unit/test_attention.py checks outputs and gradients against the model's own attention.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import mlx.nn as nn
 from mlxsft import _mlxlm
 
 BLOCK = 128  # query rows per block: fewest masked scores without many small matmuls (L=512..2048)
+# `use_block_attention(recompute=True)` recomputes only rows of at least this many tokens: below,
+# the kept probabilities are a small part of memory and recomputing them cost ~20% of a
+# --grad-checkpoint step (SmolLM2-135M, 4 x 512: 194 s against 162 s, 1.44 against 1.46 GB).
+RECOMPUTE_FROM = 1024
 
 
 def handles_mask(mask: object, length: int) -> bool:
@@ -129,8 +133,8 @@ def applies_to(model_type: str | None) -> bool:
 
 def use_block_attention(model: nn.Module, *, recompute: bool = False) -> int:
     """On the CPU backend, make the verified attention layers of THIS model use
-    `causal_attention` (with `recompute`) when called without a KV cache (training,
-    evaluation); returns how many.
+    `causal_attention` (with `recompute` for rows of RECOMPUTE_FROM tokens or more) when called
+    without a KV cache (training, evaluation); returns how many.
     Each instance's `__class__` becomes a subclass of its class (one per class); generation
     (with a cache), other devices and other masks keep the model's own code. Call before
     compiling. `MLXSFT_BLOCK_ATTENTION=0` turns it off (for comparisons)."""
@@ -160,8 +164,9 @@ def _block_class(base: type) -> type:
             if hasattr(self, "q_norm"):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+            recompute = self._mlxsft_recompute and L >= RECOMPUTE_FROM
             out = causal_attention(self.rope(q), self.rope(k), v, self.scale, mask,
-                                   recompute=self._mlxsft_recompute)  # fmt: skip
+                                   recompute=recompute)  # fmt: skip
             return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
         _BLOCK_CLASSES[base] = type(

@@ -269,3 +269,13 @@ def test_a_model_directory_as_data_says_so(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"it holds a model: config.json.*pass models with --model"):
         read_examples(tmp_path)
+
+
+def test_unprintable_keys_stay_on_one_line(tmp_path):
+    """A key with a newline (found by the fuzz test) is shown as repr: one line per error."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"\\n": null}\n{"a\\tb": 1, "instruction": "x"}\n')
+    _, errors = read_examples(path)
+    messages = [str(e) for e in errors]
+    assert len(messages) == 2 and all("\n" not in m for m in messages)
+    assert "'\\n'" in messages[0] and "'a\\tb'" in messages[1] + messages[0]

@@ -192,7 +192,8 @@ def test_run_shape_follows_the_loss_flag():
 def test_block_attention_keeps_only_the_causal_blocks():
     """On the CPU, llama-family attention (mlxsft/model/attention.py) keeps the probabilities of
     its causal blocks (sum over blocks of rows x visible keys, not L x L) per layer; with
-    --grad-checkpoint it keeps none and C_BLOCK arrays of its largest block (128 x L) are alive.
+    --grad-checkpoint and rows of 1024+ tokens it keeps none and C_BLOCK arrays of its largest
+    block (128 x L) are alive.
     Other architectures keep one (B, H, L, L) array per layer."""
     from mlxsft.model.attention import applies_to, kept_fraction, largest_block
 
@@ -207,7 +208,11 @@ def test_block_attention_keeps_only_the_causal_blocks():
     assert off.activations - on.activations == 2 * plan.C_ATTN * (scores - kept)  # 2 layers
     ck_on = estimate_peak_memory(SMALL, run, block_attention=True, grad_checkpoint=True)
     ck_off = estimate_peak_memory(SMALL, run, block_attention=False, grad_checkpoint=True)
-    block = 2 * 4 * 128 * 512 * 4
+    assert ck_off.activations - ck_on.activations == plan.C_CK_ATTN * (scores - kept)
+    long = RunShape(batch_size=2, max_seq_len=1024, grad_checkpoint=True)  # recomputed
+    ck_on = estimate_peak_memory(SMALL, long, block_attention=True)
+    ck_off = estimate_peak_memory(SMALL, long, block_attention=False)
+    scores, block = 2 * 4 * 1024 * 1024 * 4, 2 * 4 * 128 * 1024 * 4
     assert ck_off.activations - ck_on.activations == plan.C_CK_ATTN * scores - plan.C_BLOCK * block
     assert applies_to("llama") and applies_to("mistral") and applies_to("qwen3")
     assert not applies_to("gemma") and not applies_to("phi3")
