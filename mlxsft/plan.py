@@ -4,9 +4,9 @@ settings, and recommend settings that fit a budget (`mlxsft plan`, and `train`'s
 The estimate adds up what is alive at the peak (the end of the forward pass / start of backward):
 weights, adapters, gradients and optimizer state, activations saved for the backward pass
 (per layer x tokens, plus the (B, H, L, L) attention probabilities that MLX's attention keeps
-for its VJP; on the CPU, `model.attention` keeps only the causal blocks, and none with
---grad-checkpoint), the LM-head/loss working set (full logits, or one chunk with the selective loss) and
-a compile/allocator overhead. Coefficients were measured with mlxsft's compiled step
+for its VJP; on the CPU, `model.attention` keeps only the causal blocks, and none for long rows
+with --grad-checkpoint), the LM-head/loss working set (full logits, or one chunk with the
+selective loss) and a compile/allocator overhead. Coefficients were measured with mlxsft's compiled step
 (benchmarks/bench_plan.py checks them: within +-25% of `mx.get_peak_memory`).
 No mlx import at module level: the CLI and `plan` tests stay light.
 """

@@ -125,7 +125,7 @@ class _Run:
                 self.prep.notes.append(note)
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
-        # the CPU: causal attention by blocks; --grad-checkpoint also recomputes them
+        # the CPU: causal attention by blocks; --grad-checkpoint recomputes them for long rows
         self.block_attention = use_block_attention(self.model, recompute=cfg.grad_checkpoint)
         self.lengths = [e.n_tokens for e in self.prep.train]
         self.plans, self.plans_epoch = self._plans_for(0), 0
