@@ -73,8 +73,8 @@ def causal_attention(
         b = min(a + block, L)
         # (B, 1, 1, b - a, b) from the caller's mask, else plain causal (b - a, b)
         allowed = mask[:, :, None, a:b, :b] if boolean else pos[None, :b] <= pos[a:b, None]
-        args = (q[:, :, :, a:b], k_t[..., :b], v[..., :b, :], allowed)
-        outs.append(_block(*args) if recompute else _probs(*args[:2], allowed) @ args[2])
+        qb, kb, vb = q[:, :, :, a:b], k_t[..., :b], v[..., :b, :]
+        outs.append(_block(qb, kb, vb, allowed) if recompute else _probs(qb, kb, allowed) @ vb)
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
     return out.reshape(B, H, L, -1)
 
