@@ -6,9 +6,11 @@ one epoch (SmolLM2-135M f32, bench_real's 512-token data, batch 4, LoRA rank 8 o
 all layers) and runs every batch through
 - `mlx_lm`: `mlx_lm.tuner.trainer.default_loss` under `nn.value_and_grad` plus Adam, compiled
   with the model and optimizer state as mlx_lm.lora does (its batch layout: tokens + lengths);
-- `mlxsft`: mlxsft's `TrainStep` (selective loss, block attention on the CPU, fused LoRA add);
+- `mlxsft`: mlxsft's `TrainStep` (selective loss, block attention on the CPU, fused LoRA add,
+  lean SwiGLU);
 - `mlxsft, MLX attention`: the same with `MLXSFT_BLOCK_ATTENTION=0` (MLX's own attention);
-- `mlxsft, --loss full`: the same with the full-logits loss.
+- `mlxsft, --loss full`: the same with the full-logits loss;
+- `mlxsft, mlx-lm MLP`: the same with `MLXSFT_LEAN_MLP=0` (mlx-lm's SwiGLU).
 Each variant loads its own model, runs the epoch once to compile every shape, then once more
 timed. Reports seconds per epoch (compiled), the ratio to mlx_lm and peak memory, and how many
 positions mlx_lm.lora's own batching (file order) would process instead.
@@ -36,6 +38,7 @@ VARIANTS = {  # name -> (tool, environment, loss)
     "mlxsft": ("mlxsft", {}, "selective"),
     "mlxsft, MLX attention": ("mlxsft", {"MLXSFT_BLOCK_ATTENTION": "0"}, "selective"),
     "mlxsft, --loss full": ("mlxsft", {}, "full"),
+    "mlxsft, mlx-lm MLP": ("mlxsft", {"MLXSFT_LEAN_MLP": "0"}, "selective"),
 }
 
 
@@ -49,6 +52,7 @@ def run_variant(tool: str, loss: str, model: str, data: str) -> dict:
     from mlxsft.config import TrainConfig
     from mlxsft.data.batching import epoch_batches
     from mlxsft.model.attention import use_block_attention
+    from mlxsft.model.mlp import use_lean_mlp
     from mlxsft.train.setup import prepare
     from mlxsft.train.step import make_train_step
 
@@ -61,6 +65,7 @@ def run_variant(tool: str, loss: str, model: str, data: str) -> dict:
     opt = optim.Adam(learning_rate=1e-4)
     if tool == "mlxsft":
         use_block_attention(prep.model)  # as `mlxsft train` does (MLXSFT_BLOCK_ATTENTION=0: off)
+        use_lean_mlp(prep.model)  # as `mlxsft train` does (MLXSFT_LEAN_MLP=0: off)
         step = make_train_step(prep.model, opt, max_grad_norm=None, loss=loss)
 
         def run(b) -> None:

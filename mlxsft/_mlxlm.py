@@ -121,24 +121,48 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 # q_norm/k_norm if present (qwen3), RoPE, SDPA with `self.scale` and the given mask, o_proj;
 # `model.attention` recomputes that (tests/unit/test_attention.py compares it with each class).
 _PLAIN_ATTENTION = ("llama", "qwen2", "qwen3")
+# Architectures whose MLP.__call__ is exactly down_proj(silu(gate_proj(x)) * up_proj(x));
+# `model.mlp` recomputes that (tests/unit/test_mlp.py compares it with each class).
+_SWIGLU_MLP = ("llama", "qwen2", "qwen3")
 
 
 def has_plain_attention(model_type: str | None) -> bool:
     """True when `model_type`'s attention class is one of `_PLAIN_ATTENTION`'s (aliases too)."""
+    return _remapped(model_type) in _PLAIN_ATTENTION
+
+
+def has_swiglu_mlp(model_type: str | None) -> bool:
+    """True when `model_type`'s MLP class is one of `_SWIGLU_MLP`'s (aliases too)."""
+    return _remapped(model_type) in _SWIGLU_MLP
+
+
+def _remapped(model_type: str | None) -> str | None:
     from mlx_lm.utils import MODEL_REMAPPING
 
-    return MODEL_REMAPPING.get(model_type, model_type) in _PLAIN_ATTENTION
+    return MODEL_REMAPPING.get(model_type, model_type)
 
 
 def plain_attentions(model: nn.Module) -> list[nn.Module]:
     """The attention modules of `model` whose class is one of `_PLAIN_ATTENTION`'s."""
+    return _layer_modules(model, "self_attn", "Attention", _PLAIN_ATTENTION)
+
+
+def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLP modules of `model` whose class is one of `_SWIGLU_MLP`'s."""
+    return _layer_modules(model, "mlp", "MLP", _SWIGLU_MLP)
+
+
+def _layer_modules(
+    model: nn.Module, attr: str, class_name: str, archs: tuple[str, ...]
+) -> list[nn.Module]:
+    """Each decoder block's `attr` module whose class is `class_name` of one of `archs`."""
     import importlib
 
     classes = tuple(
-        importlib.import_module(f"mlx_lm.models.{name}").Attention for name in _PLAIN_ATTENTION
+        getattr(importlib.import_module(f"mlx_lm.models.{name}"), class_name) for name in archs
     )
-    attentions = [getattr(layer, "self_attn", None) for layer in transformer_blocks(model)]
-    return [a for a in attentions if isinstance(a, classes)]
+    found = [getattr(layer, attr, None) for layer in transformer_blocks(model)]
+    return [m for m in found if isinstance(m, classes)]
 
 
 def make_cache(model: nn.Module, max_kv_size: int | None = None) -> list[Any]:

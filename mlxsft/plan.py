@@ -5,7 +5,7 @@ The estimate adds up what is alive at the peak (the end of the forward pass / st
 weights, adapters, gradients and optimizer state, activations saved for the backward pass
 (per layer x tokens, plus the (B, H, L, L) attention probabilities that MLX's attention keeps
 for its VJP; on the CPU, `model.attention` keeps only the causal blocks, and none for long rows
-with --grad-checkpoint), the LM-head/loss working set (full logits, or one chunk with the
+with --grad-checkpoint; `model.mlp` keeps two fewer intermediate-width arrays), the LM-head/loss working set (full logits, or one chunk with the
 selective loss) and a compile/allocator overhead. Coefficients were measured with mlxsft's compiled step
 (benchmarks/bench_plan.py checks them: within +-25% of `mx.get_peak_memory`).
 No mlx import at module level: the CLI and `plan` tests stay light.
@@ -26,6 +26,7 @@ GB = 1024**3
 # ~C_HIDDEN x hidden + C_INTER x intermediate + C_QKV x (q + k + v widths).
 C_HIDDEN = 8.0
 C_INTER = 4.0
+C_INTER_LEAN = 2.0  # `model.mlp` recomputes sigmoid(gate): 2 fewer (measured: 1.9 on SmolLM2)
 C_QKV = 2.0
 C_ATTN = 1.0  # (B, H, L, L) arrays kept per layer: the probabilities (the scores are freed)
 # With --grad-checkpoint, measured on SmolLM2-135M (30 layers, L = 512-2048) and a 4-layer model:
@@ -122,6 +123,7 @@ class RunShape:
     trained_fraction: float = 1.0  # trained targets / positions (from the data; 1 = worst case)
     row_len: int | None = None  # padded row length when it is shorter than max_seq_len
     block_attention: bool | None = None  # None: as `model.attention.applies_to` decides here
+    lean_mlp: bool | None = None  # None: as `model.mlp.applies_to` decides here
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,13 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     L = min(run.row_len or run.max_seq_len, run.max_seq_len)
     n_tok = rows * L
     w = shape.widths()
-    per_token = C_HIDDEN * w["D"] + C_INTER * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
+    c_inter = C_INTER - (C_INTER_LEAN if _switched(config, run.lean_mlp, "mlp") else 0.0)
+    per_token = C_HIDDEN * w["D"] + c_inter * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
     scores = rows * shape.n_heads * L * L * a  # one (B, H, L, L) array
     fraction, working = 1.0, 0
-    if _block_attention(config, run):  # the CPU: the causal blocks; long rows recomputed (ckpt)
+    if _switched(
+        config, run.block_attention, "attention"
+    ):  # the CPU: the causal blocks; long rows recomputed (ckpt)
         from mlxsft.model.attention import RECOMPUTE_FROM, kept_fraction, largest_block
 
         fraction = kept_fraction(L)
@@ -220,12 +225,13 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     )
 
 
-def _block_attention(config: dict, run: RunShape) -> bool:
-    if run.block_attention is not None:
-        return run.block_attention
-    from mlxsft.model.attention import applies_to  # imports mlx: only when estimating
+def _switched(config: dict, setting: bool | None, module: str) -> bool:
+    """`setting`, or (None) whether `mlxsft.model.<module>.applies_to` this model here."""
+    if setting is not None:
+        return setting
+    import importlib  # imports mlx: only when estimating
 
-    return applies_to(config.get("model_type"))
+    return importlib.import_module(f"mlxsft.model.{module}").applies_to(config.get("model_type"))
 
 
 # --------------------------------------------------------------------------------- budget

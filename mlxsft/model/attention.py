@@ -17,12 +17,14 @@ tests/unit/test_attention.py checks outputs and gradients against the model's ow
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxsft import _mlxlm
+from mlxsft.model.swap import swap_call
 
 BLOCK = 128  # query rows per block: fewest masked scores without many small matmuls (L=512..2048)
 # `use_block_attention(recompute=True)` recomputes only rows of at least this many tokens: below,
@@ -135,43 +137,31 @@ def use_block_attention(model: nn.Module, *, recompute: bool = False) -> int:
     """On the CPU backend, make the verified attention layers of THIS model use
     `causal_attention` (with `recompute` for rows of RECOMPUTE_FROM tokens or more) when called
     without a KV cache (training, evaluation); returns how many.
-    Each instance's `__class__` becomes a subclass of its class (one per class); generation
+    Each instance gets a subclass of its class (`model.swap`); generation
     (with a cache), other devices and other masks keep the model's own code. Call before
     compiling. `MLXSFT_BLOCK_ATTENTION=0` turns it off (for comparisons)."""
     if not _enabled():
         return 0
     attentions = _mlxlm.plain_attentions(model)
     for attn in attentions:
-        if not getattr(type(attn), "_mlxsft_block_attention", False):
-            attn.__class__ = _block_class(type(attn))
+        swap_call(attn, "BlockAttention", _block_call)
         attn._mlxsft_recompute = recompute
     return len(attentions)
 
 
-_BLOCK_CLASSES: dict[type, type] = {}
+def _block_call(base: type) -> Callable:
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        if cache is not None or not handles_mask(mask, L):
+            return base.__call__(self, x, mask, cache)
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        recompute = self._mlxsft_recompute and L >= RECOMPUTE_FROM
+        out = causal_attention(self.rope(q), self.rope(k), v, self.scale, mask, recompute=recompute)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-
-def _block_class(base: type) -> type:
-    if base not in _BLOCK_CLASSES:
-
-        def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-            B, L, _ = x.shape
-            if cache is not None or not handles_mask(mask, L):
-                return base.__call__(self, x, mask, cache)
-            q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
-            k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
-            v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
-            if hasattr(self, "q_norm"):
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-            recompute = self._mlxsft_recompute and L >= RECOMPUTE_FROM
-            out = causal_attention(self.rope(q), self.rope(k), v, self.scale, mask,
-                                   recompute=recompute)  # fmt: skip
-            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-        _BLOCK_CLASSES[base] = type(
-            f"BlockAttention{base.__name__}",
-            (base,),
-            {"__call__": __call__, "_mlxsft_block_attention": True, "__module__": base.__module__},
-        )
-    return _BLOCK_CLASSES[base]
+    return __call__

@@ -96,6 +96,7 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, world: World, stream: Any = None):
         from mlxsft.model.attention import use_block_attention
+        from mlxsft.model.mlp import use_lean_mlp
         from mlxsft.train.loss import choose_loss
         from mlxsft.train.schedule import build_optimizer, build_schedule
         from mlxsft.train.setup import prepare
@@ -127,6 +128,7 @@ class _Run:
             enable_grad_checkpoint(self.model)
         # the CPU: causal attention by blocks; --grad-checkpoint recomputes them for long rows
         self.block_attention = use_block_attention(self.model, recompute=cfg.grad_checkpoint)
+        self.lean_mlp = use_lean_mlp(self.model)  # SwiGLU keeps 3 intermediate arrays, not 5
         self.lengths = [e.n_tokens for e in self.prep.train]
         self.plans, self.plans_epoch = self._plans_for(0), 0
         total = cfg.iters if cfg.iters is not None else (cfg.epochs or 1) * len(self.plans)
@@ -208,6 +210,9 @@ class _Run:
         if self.block_attention:
             log(f"attention: causal blocks on the CPU ({self.block_attention} layers; "
                 "MLXSFT_BLOCK_ATTENTION=0 uses MLX's own)")  # fmt: skip
+        if self.lean_mlp:
+            log(f"MLP: the backward pass recomputes SwiGLU's sigmoid ({self.lean_mlp} layers; "
+                "MLXSFT_LEAN_MLP=0 keeps it)")  # fmt: skip
         warning = self._memory_warning()
         if warning:
             log(warning)

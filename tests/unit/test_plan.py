@@ -61,7 +61,7 @@ def test_small_estimate_parts_exactly():
 
 
 def test_each_knob_moves_the_right_part():
-    kw = {"batch_size": 4, "max_seq_len": 2048, "block_attention": False}  # MLX's attention
+    kw = {"batch_size": 4, "max_seq_len": 2048, "block_attention": False, "lean_mlp": False}
     base = estimate_peak_memory(QWEN05, **kw)
     ckpt = estimate_peak_memory(QWEN05, **kw, grad_checkpoint=True)
     plain = estimate_peak_memory(QWEN05, **kw, selective_loss=False)
@@ -222,3 +222,20 @@ def test_block_attention_keeps_only_the_causal_blocks():
         estimate_peak_memory(gemma, run).total
         == estimate_peak_memory(gemma, run, block_attention=False).total
     )
+
+
+def test_lean_mlp_keeps_two_fewer_intermediate_arrays():
+    """The lean SwiGLU (mlxsft/model/mlp.py) keeps C_INTER_LEAN fewer (tokens, intermediate)
+    arrays per layer; with --grad-checkpoint only the recomputed block's are kept at a time."""
+    from mlxsft.model.mlp import applies_to
+
+    run = RunShape(batch_size=2, max_seq_len=512, block_attention=False)
+    on = estimate_peak_memory(SMALL, run, lean_mlp=True)
+    off = estimate_peak_memory(SMALL, run, lean_mlp=False)
+    one = 2 * 512 * 128 * 4  # (tokens, intermediate) float32
+    assert off.activations - on.activations == 2 * plan.C_INTER_LEAN * one  # 2 layers
+    ck_on = estimate_peak_memory(SMALL, run, lean_mlp=True, grad_checkpoint=True)
+    ck_off = estimate_peak_memory(SMALL, run, lean_mlp=False, grad_checkpoint=True)
+    assert ck_off.activations - ck_on.activations == plan.C_INTER_LEAN * one
+    assert applies_to("llama") and applies_to("qwen2") and not applies_to("phi3")
+    assert estimate_peak_memory(SMALL, run).total == on.total
