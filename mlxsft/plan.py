@@ -5,8 +5,9 @@ The estimate adds up what is alive at the peak (the end of the forward pass / st
 weights, adapters, gradients and optimizer state, activations saved for the backward pass
 (per layer x tokens, plus the (B, H, L, L) attention probabilities that MLX's attention keeps
 for its VJP; on the CPU, `model.attention` keeps only the causal blocks, and none for long rows
-with --grad-checkpoint; `model.mlp` keeps two fewer intermediate-width arrays), the LM-head/loss working set (full logits, or one chunk with the
-selective loss) and a compile/allocator overhead. Coefficients were measured with mlxsft's compiled step
+with --grad-checkpoint; `model.mlp` keeps one fewer intermediate-width array), the LM-head/loss
+working set (full logits, or one chunk with the selective loss) and a compile/allocator overhead.
+Coefficients were measured with mlxsft's compiled step
 (benchmarks/bench_plan.py checks them: within +-25% of `mx.get_peak_memory`).
 No mlx import at module level: the CLI and `plan` tests stay light.
 """
@@ -26,7 +27,7 @@ GB = 1024**3
 # ~C_HIDDEN x hidden + C_INTER x intermediate + C_QKV x (q + k + v widths).
 C_HIDDEN = 8.0
 C_INTER = 4.0
-C_INTER_LEAN = 2.0  # `model.mlp` recomputes sigmoid(gate): 2 fewer (measured: 1.9 on SmolLM2)
+C_INTER_LEAN = 1.0  # `model.mlp` does not keep silu(gate) (measured: 0.97 on SmolLM2-135M)
 C_QKV = 2.0
 C_ATTN = 1.0  # (B, H, L, L) arrays kept per layer: the probabilities (the scores are freed)
 # With --grad-checkpoint, measured on SmolLM2-135M (30 layers, L = 512-2048) and a 4-layer model:

@@ -128,7 +128,7 @@ class _Run:
             enable_grad_checkpoint(self.model)
         # the CPU: causal attention by blocks; --grad-checkpoint recomputes them for long rows
         self.block_attention = use_block_attention(self.model, recompute=cfg.grad_checkpoint)
-        self.lean_mlp = use_lean_mlp(self.model)  # SwiGLU keeps 3 intermediate arrays, not 5
+        self.lean_mlp = use_lean_mlp(self.model)  # SwiGLU keeps 4 intermediate arrays, not 5
         self.lengths = [e.n_tokens for e in self.prep.train]
         self.plans, self.plans_epoch = self._plans_for(0), 0
         total = cfg.iters if cfg.iters is not None else (cfg.epochs or 1) * len(self.plans)
@@ -211,8 +211,8 @@ class _Run:
             log(f"attention: causal blocks on the CPU ({self.block_attention} layers; "
                 "MLXSFT_BLOCK_ATTENTION=0 uses MLX's own)")  # fmt: skip
         if self.lean_mlp:
-            log(f"MLP: the backward pass recomputes SwiGLU's sigmoid ({self.lean_mlp} layers; "
-                "MLXSFT_LEAN_MLP=0 keeps it)")  # fmt: skip
+            log(f"MLP: SwiGLU keeps no silu(gate) for the backward pass ({self.lean_mlp} layers; "
+                "MLXSFT_LEAN_MLP=0 uses mlx-lm's)")  # fmt: skip
         warning = self._memory_warning()
         if warning:
             log(warning)

