@@ -122,7 +122,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 # `model.attention` recomputes that (tests/unit/test_attention.py compares it with each class).
 _PLAIN_ATTENTION = ("llama", "qwen2", "qwen3")
 # Architectures whose MLP.__call__ is exactly down_proj(silu(gate_proj(x)) * up_proj(x));
-# `model.mlp` recomputes that (tests/unit/test_mlp.py compares it with each class).
+# `model.mlp` reproduces that (tests/unit/test_mlp.py compares it with each class).
 _SWIGLU_MLP = ("llama", "qwen2", "qwen3")
 
 
