@@ -4,10 +4,9 @@ gradients, plain causal and packed masks, and inside every verified architecture
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from helpers_layers import compiled_peak, lora_model, trainable_grads
 
 from mlxsft import _mlxlm
 from mlxsft.model.attention import (
@@ -17,7 +16,6 @@ from mlxsft.model.attention import (
     kept_fraction,
     use_block_attention,
 )
-from mlxsft.model.lora import apply_adapters
 
 
 def _qkv(B: int, H: int, KV: int, L: int, D: int = 8, seed: int = 0):
@@ -78,42 +76,20 @@ def test_handles_only_masks_it_understands():
     assert not handles_mask(mx.ones((2, 5, 5), mx.bool_), 5)
 
 
-def _loss(model: nn.Module, inputs: mx.array, mask: mx.array | None) -> mx.array:
-    h = _mlxlm.hidden_states(model, inputs, mask)
-    return (h * mx.arange(h.shape[-1], dtype=h.dtype)).sum() / h.size
-
-
-def _trainable_grads(model: nn.Module, inputs: mx.array, mask: mx.array | None, compiled=False):
-    fn = nn.value_and_grad(model, lambda x: _loss(model, x, mask))
-    if compiled:
-        fn = mx.compile(fn, inputs=[model.state])
-    value, grads = fn(inputs)
-    return float(value), dict(tree_flatten(grads))
-
-
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("packed,recompute", [(False, False), (True, False), (True, True)])
 def test_models_train_the_same_with_block_attention(tiny_checkpoint, arch, packed, recompute):
     path = tiny_checkpoint(arch, n_layers=2, n_heads=4, n_kv_heads=2)
-    models = []
-    for _ in range(2):
-        model, _ = _mlxlm.load_model(path)
-        mx.random.seed(0)  # the same LoRA A in both
-        apply_adapters(model, fine_tune_type="lora", rank=4, alpha=8.0, dropout=0.0,
-                       target_modules="all-linear", num_layers=-1)  # fmt: skip
-        lora_b = [(k, mx.full(v.shape, 0.01)) for k, v in tree_flatten(model.trainable_parameters())
-                  if k.endswith("lora_b")]  # fmt: skip
-        model.update(tree_unflatten(lora_b))  # non-zero B, so A gets gradients too
-        models.append(model)
+    models = [lora_model(path), lora_model(path)]
     assert use_block_attention(models[1], recompute=recompute) == 2
     assert type(models[1].layers[0].self_attn).__name__.startswith("BlockAttention")
     L = 300  # three blocks of 128, the last one partial
     inputs = mx.array(np.random.default_rng(0).integers(3, 500, (2, L)), mx.int32)
     mask = _packed_mask(2, L) if packed else None
-    v0, g0 = _trainable_grads(models[0], inputs, mask)
-    v1, g1 = _trainable_grads(models[1], inputs, mask)
+    v0, g0 = trainable_grads(models[0], inputs, mask)
+    v1, g1 = trainable_grads(models[1], inputs, mask)
     if recompute:  # compiled too: mx.compile must not merge the recomputation with the forward
-        v2, g2 = _trainable_grads(models[1], inputs, mask, compiled=True)
+        v2, g2 = trainable_grads(models[1], inputs, mask, compiled=True)
         assert v2 == pytest.approx(v1, rel=1e-5) and g2.keys() == g1.keys()
         for name in g1:
             np.testing.assert_allclose(np.array(g2[name]), np.array(g1[name]), atol=1e-6)
@@ -154,17 +130,8 @@ def test_recompute_keeps_no_probabilities_even_when_compiled(tiny_checkpoint):
     inputs = mx.array(np.random.default_rng(0).integers(3, 500, (1, L)), mx.int32)
     peaks = {}
     for recompute in (False, True):
-        model, _ = _mlxlm.load_model(path)
-        apply_adapters(model, fine_tune_type="lora", rank=4, alpha=8.0, dropout=0.0,
-                       target_modules="all-linear", num_layers=-1)  # fmt: skip
+        model = lora_model(path)
         use_block_attention(model, recompute=recompute)
-        mx.eval(model.parameters())  # no lazy initialisers inside the trace
-        step = mx.compile(nn.value_and_grad(model, lambda x, m=model: _loss(m, x, None)),
-                          inputs=[model.state], outputs=[model.state])  # fmt: skip
-        mx.eval(step(inputs))  # compile outside the measurement
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        mx.eval(step(inputs))
-        peaks[recompute] = mx.get_peak_memory()
+        peaks[recompute] = compiled_peak(model, inputs)
     kept = 2 * 4 * kept_fraction(L) * L * L * 4  # 2 layers, 4 heads, float32
     assert peaks[False] - peaks[True] > 0.8 * kept, (peaks, kept)  # measured: 0.97 x kept

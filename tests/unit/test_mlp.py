@@ -7,11 +7,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from helpers_layers import compiled_peak, lora_model, trainable_grads
 from mlx_lm.models.activations import swiglu as mlx_lm_swiglu
 
 from mlxsft import _mlxlm
-from mlxsft.model.lora import apply_adapters
 from mlxsft.model.mlp import swiglu, use_lean_mlp
 
 
@@ -34,40 +33,21 @@ def test_swiglu_matches_mlx_lm_outputs_and_gradients(scale):
 
 
 def _lora_model(path, lean: bool) -> nn.Module:
-    model, _ = _mlxlm.load_model(path)
-    mx.random.seed(0)  # the same LoRA A in every copy
-    apply_adapters(model, fine_tune_type="lora", rank=4, alpha=8.0, dropout=0.0,
-                   target_modules="all-linear", num_layers=-1)  # fmt: skip
-    lora_b = [(k, mx.full(v.shape, 0.01)) for k, v in tree_flatten(model.trainable_parameters())
-              if k.endswith("lora_b")]  # fmt: skip
-    model.update(tree_unflatten(lora_b))  # non-zero B, so A gets gradients too
+    model = lora_model(path)
     if lean:
         assert use_lean_mlp(model) == len(model.layers)
         assert type(model.layers[0].mlp).__name__.startswith("LeanMLP")
     return model
 
 
-def _loss(model: nn.Module, inputs: mx.array) -> mx.array:
-    h = _mlxlm.hidden_states(model, inputs, None)
-    return (h * mx.arange(h.shape[-1], dtype=h.dtype)).sum() / h.size
-
-
-def _grads(model: nn.Module, inputs: mx.array, compiled: bool = False):
-    fn = nn.value_and_grad(model, lambda x: _loss(model, x))
-    if compiled:
-        fn = mx.compile(fn, inputs=[model.state])
-    value, grads = fn(inputs)
-    return float(value), dict(tree_flatten(grads))
-
-
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_models_train_the_same_with_lean_mlps(tiny_checkpoint, arch):
     path = tiny_checkpoint(arch, n_layers=2, n_heads=4, n_kv_heads=2)
     inputs = mx.array(np.random.default_rng(0).integers(3, 500, (2, 40)), mx.int32)
-    v0, g0 = _grads(_lora_model(path, lean=False), inputs)
+    v0, g0 = trainable_grads(_lora_model(path, lean=False), inputs)
     lean = _lora_model(path, lean=True)
     for compiled in (False, True):
-        v1, g1 = _grads(lean, inputs, compiled=compiled)
+        v1, g1 = trainable_grads(lean, inputs, compiled=compiled)
         assert v1 == pytest.approx(v0, rel=1e-6)
         assert g0.keys() == g1.keys() and len(g0) == 2 * 7 * 2
         for name in g0:
@@ -93,14 +73,6 @@ def test_compiled_step_keeps_one_fewer_intermediate_array(tiny_checkpoint):
     inputs = mx.array(np.random.default_rng(0).integers(3, 500, (rows, L)), mx.int32)
     peaks = {}
     for lean in (False, True):
-        model = _lora_model(path, lean)
-        mx.eval(model.parameters())  # no lazy initialisers inside the trace
-        step = mx.compile(nn.value_and_grad(model, lambda x, m=model: _loss(m, x)),
-                          inputs=[model.state], outputs=[model.state])  # fmt: skip
-        mx.eval(step(inputs))  # compile outside the measurement
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        mx.eval(step(inputs))
-        peaks[lean] = mx.get_peak_memory()
+        peaks[lean] = compiled_peak(_lora_model(path, lean), inputs)
     one = layers * rows * L * inter * 4  # one float32 (tokens, intermediate) array per layer
     assert peaks[False] - peaks[True] > 0.8 * one, (peaks, one)  # measured: 1.0
