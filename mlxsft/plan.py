@@ -195,9 +195,8 @@ def estimate_peak_memory(config: dict, run: RunShape | None = None, **kw) -> Mem
     per_token = C_HIDDEN * w["D"] + c_inter * w["I"] + C_QKV * (w["Q"] + 2 * w["K"])
     scores = rows * shape.n_heads * L * L * a  # one (B, H, L, L) array
     fraction, working = 1.0, 0
-    if _switched(
-        config, run.block_attention, "attention"
-    ):  # the CPU: the causal blocks; long rows recomputed (ckpt)
+    # the CPU: attention keeps the causal blocks; long rows recompute them (with ckpt)
+    if _switched(config, run.block_attention, "attention"):
         from mlxsft.model.attention import RECOMPUTE_FROM, kept_fraction, largest_block
 
         fraction = kept_fraction(L)
